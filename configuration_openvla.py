@@ -1,0 +1,337 @@
+"""OpenVLA configuration.
+
+`OpenVLAConfig` accepts the options of the reference OpenVLA API (`image_size`, `patch_size`, `in_channels`,
+`vision_dim`, `hidden_dim`, `num_layers`, `num_heads`, `num_kv_heads`, `action_dim`, `num_action_bins`,
+`max_text_len`, `dropout`, `rope`) and turns them into transformers sub-configs: a `Dinov2Config` for the vision
+backbone (optionally fused with a `SiglipVisionConfig`) and a `LlamaConfig` for the language model. Sub-configs
+passed explicitly win, and the reference options are then read back from them, so any DINOv2 / SigLIP / Llama size
+can be described.
+"""
+
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+ACTION_BINNING_SCHEMES = ("reference", "openvla")
+ACTION_DECODING_MODES = ("autoregressive", "parallel")
+AUTO_MAP = {
+    "AutoConfig": "configuration_openvla.OpenVLAConfig",
+    "AutoModel": "modeling_openvla.OpenVLAForActionPrediction",
+    "AutoModelForImageTextToText": "modeling_openvla.OpenVLAForActionPrediction",
+}
+
+
+class OpenVLAConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`OpenVLAForActionPrediction`].
+
+    Reference options (names and defaults of the reference API):
+        image_size (`int`, defaults to 224): square input image size in pixels.
+        patch_size (`int`, defaults to 14): ViT patch size.
+        in_channels (`int`, defaults to 3): image channels seen by the (first) vision backbone.
+        vision_dim (`int`, defaults to 384): width of the vision features fed to the projector (for a fused
+            backbone, the sum of both widths).
+        hidden_dim (`int`, defaults to 2048): width of the language model.
+        num_layers (`int`, defaults to 24): decoder layers of the language model.
+        num_heads (`int`, defaults to 16): attention heads of the language model.
+        num_kv_heads (`int`, defaults to 4): key/value heads of the language model (grouped-query attention).
+        action_dim (`int`, defaults to 7): dimensions of one robot action.
+        num_action_bins (`int`, defaults to 256): bins per action dimension; the action tokens are the
+            `num_action_bins` ids just below `action_token_end`.
+        max_text_len (`int`, defaults to 64): longest prompt, in tokens, that the processor accepts.
+        dropout (`float`, defaults to 0.1): dropout of the vision blocks and of the decoder's attention (training only).
+        rope (`bool`, defaults to `False`): rotary position embedding in the decoder. With `False` the decoder has no
+            position encoding at all (its rotary embedding is replaced by the identity rotation); the causal mask is
+            then the only source of order.
+
+    Further options:
+        action_min, action_max (`float`, defaults to -1.0 and 1.0): range covered by the bins (normalised units).
+        vocab_size (`int`, defaults to 32000): vocabulary of the language model (use `len(tokenizer)`).
+        vision_config, fused_vision_config, text_config (`dict` or config, *optional*): explicit sub-configs; they win
+            over the reference options above.
+        vision_feature_layer (`int`, defaults to -2): hidden state of the vision backbone used as patch features
+            (-2: output of the second-to-last block, as official OpenVLA).
+        image_token_id (`int`, *optional*): placeholder id the processor writes where the image patches go. Defaults to
+            `vocab_size`, an id outside the vocabulary that is never embedded nor predicted.
+        action_token_end (`int`, *optional*): one past the highest action token id. Defaults to `vocab_size` (the last
+            `num_action_bins` ids of the vocabulary); official checkpoints use the size of the un-padded vocabulary.
+        action_binning (`str`, defaults to `"reference"`): `"reference"` bins with
+            `floor((a - min) / (max - min) * (bins - 1))` and decodes `min + bin / (bins - 1) * (max - min)`;
+            `"openvla"` bins with `np.digitize` over `linspace(min, max, bins)` and decodes to bin centres, as the
+            published OpenVLA checkpoints do.
+        action_decoding (`str`, defaults to `"autoregressive"`): `"autoregressive"` predicts one action token per
+            step with a KV cache; `"parallel"` predicts every action token of a chunk in one forward pass.
+        action_chunk_size (`int`, defaults to 1): actions predicted per call in parallel decoding.
+        norm_stats (`dict`, *optional*): per-dataset action statistics in the official OpenVLA layout,
+            `{dataset: {"action": {"q01": [...], "q99": [...], "mean": [...], "std": [...], "min": [...],
+            "max": [...], "mask": [...]}}}`.
+    """
+
+    model_type = "openvla"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2", optional=True),
+        "fused_vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model", optional=True),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True),
+    }
+
+    image_size: int = 224
+    patch_size: int = 14
+    in_channels: int = 3
+    vision_dim: int = 384
+    hidden_dim: int = 2048
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 4
+    action_dim: int = 7
+    num_action_bins: int = 256
+    max_text_len: int = 64
+    dropout: float = 0.1
+    rope: bool = False
+    action_min: float = -1.0
+    action_max: float = 1.0
+    vocab_size: int = 32000
+    vision_config: dict | PreTrainedConfig | None = None
+    fused_vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    vision_feature_layer: int = -2
+    image_token_id: int | None = None
+    action_token_end: int | None = None
+    action_binning: str = "reference"
+    action_decoding: str = "autoregressive"
+    action_chunk_size: int = 1
+    norm_stats: dict | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        self._validate_reference_options()
+        if self.vision_config is None:
+            self.vision_config = self._default_vision_config()
+        if self.text_config is None:
+            self.text_config = self._default_text_config()
+        super().__post_init__(**kwargs)
+        self._read_back_sub_configs()
+        if self.image_token_id is None:
+            self.image_token_id = self.vocab_size
+        if self.action_token_end is None:
+            self.action_token_end = self.vocab_size
+        if self.norm_stats is None:
+            self.norm_stats = {}
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(AUTO_MAP)
+        self._validate()
+
+    def _default_vision_config(self) -> dict[str, Any]:
+        """DINOv2 ViT of the reference API: 12 blocks, `max(vision_dim // 64, 4)` heads."""
+        return {
+            "model_type": "dinov2",
+            "hidden_size": self.vision_dim,
+            "num_hidden_layers": 12,
+            "num_attention_heads": max(self.vision_dim // 64, 4),
+            "mlp_ratio": 4,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.in_channels,
+            "hidden_dropout_prob": self.dropout,
+            "attention_probs_dropout_prob": self.dropout,
+            "use_mask_token": False,
+        }
+
+    def _default_text_config(self) -> dict[str, Any]:
+        """Llama decoder with grouped-query attention and a SwiGLU MLP of width `4 * hidden_dim`."""
+        return {
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_dim,
+            "intermediate_size": 4 * self.hidden_dim,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "max_position_embeddings": self.max_sequence_length,
+            "attention_dropout": self.dropout,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+    def _read_back_sub_configs(self) -> None:
+        """Make the reference options describe the sub-configs actually used."""
+        vision, text = self.vision_config, self.text_config
+        self.image_size = _as_square(vision.image_size, "vision_config.image_size")
+        self.patch_size = _as_square(vision.patch_size, "vision_config.patch_size")
+        self.in_channels = vision.num_channels
+        self.vision_dim = vision.hidden_size
+        if self.fused_vision_config is not None:
+            self.vision_dim += self.fused_vision_config.hidden_size
+        self.hidden_dim = text.hidden_size
+        self.num_layers = text.num_hidden_layers
+        self.num_heads = text.num_attention_heads
+        self.num_kv_heads = text.num_key_value_heads or text.num_attention_heads
+        self.vocab_size = text.vocab_size
+        self.tie_word_embeddings = text.tie_word_embeddings
+
+    def _validate_reference_options(self) -> None:
+        checks = [
+            (self.hidden_dim % self.num_heads == 0, f"hidden_dim={self.hidden_dim} is not divisible by num_heads={self.num_heads}"),
+            (self.num_heads % self.num_kv_heads == 0, f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"),
+            (self.image_size % self.patch_size == 0, f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"),
+            (self.vision_dim % max(self.vision_dim // 64, 4) == 0, f"vision_dim={self.vision_dim} is not divisible by its {max(self.vision_dim // 64, 4)} vision heads (max(vision_dim // 64, 4)); use a multiple of 64"),
+            (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
+        ]
+        for name in ("image_size", "patch_size", "in_channels", "vision_dim", "hidden_dim", "num_layers", "num_heads", "num_kv_heads", "action_dim", "max_text_len", "vocab_size", "action_chunk_size"):
+            value = getattr(self, name)
+            checks.append((isinstance(value, int) and value >= 1, f"{name}={value!r} must be a positive integer"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Inconsistent OpenVLAConfig: {message}.")
+
+    def _validate(self) -> None:
+        if self.num_action_bins < 2:
+            raise ValueError(f"Inconsistent OpenVLAConfig: num_action_bins={self.num_action_bins} must be at least 2.")
+        if not self.num_action_bins <= self.action_token_end <= self.vocab_size:
+            raise ValueError(
+                f"Inconsistent OpenVLAConfig: the {self.num_action_bins} action tokens end at action_token_end="
+                f"{self.action_token_end}, which needs num_action_bins <= action_token_end <= vocab_size="
+                f"{self.vocab_size}. Use a larger vocabulary or fewer bins."
+            )
+        if not self.action_min < self.action_max:
+            raise ValueError(
+                f"Inconsistent OpenVLAConfig: action_min={self.action_min} must be smaller than action_max={self.action_max}."
+            )
+        if self.action_binning not in ACTION_BINNING_SCHEMES:
+            raise ValueError(f"action_binning={self.action_binning!r} is not one of {ACTION_BINNING_SCHEMES}.")
+        if self.action_decoding not in ACTION_DECODING_MODES:
+            raise ValueError(f"action_decoding={self.action_decoding!r} is not one of {ACTION_DECODING_MODES}.")
+        if self.action_decoding == "autoregressive" and self.action_chunk_size != 1:
+            raise ValueError(
+                f"action_chunk_size={self.action_chunk_size} needs action_decoding='parallel'; autoregressive decoding "
+                "predicts one action per call."
+            )
+        if self.fused_vision_config is not None:
+            fused = self.fused_vision_config
+            if _as_square(fused.patch_size, "fused_vision_config.patch_size") != self.patch_size or (
+                _as_square(fused.image_size, "fused_vision_config.image_size") != self.image_size
+            ):
+                raise ValueError(
+                    f"Inconsistent OpenVLAConfig: the fused backbone sees {fused.image_size}px images in "
+                    f"{fused.patch_size}px patches, the first one {self.image_size}px in {self.patch_size}px patches; "
+                    "both must give the same patch grid."
+                )
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens in the LLM sequence: `(image_size // patch_size) ** 2`."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest LLM sequence: BOS, patches, prompt and the action tokens of one chunk."""
+        return 1 + self.num_patches + self.max_text_len + self.action_chunk_size * self.action_dim
+
+    @property
+    def pixel_channels(self) -> int:
+        """Channels of `pixel_values`: 3 per backbone (6 for a fused DINOv2 + SigLIP backbone)."""
+        fused_channels = self.fused_vision_config.num_channels if self.fused_vision_config is not None else 0
+        return self.in_channels + fused_channels
+
+    def output_size(self) -> int:
+        """Size of the model's output per sample: `action_dim * num_action_bins` logits."""
+        return self.action_dim * self.num_action_bins
+
+    def param_count(self) -> int:
+        """Exact number of parameters of the model this config builds, computed from the config alone."""
+        vision = _vision_param_count(self.vision_config)
+        if self.fused_vision_config is not None:
+            vision += _vision_param_count(self.fused_vision_config)
+        projector = _projector_param_count(self.vision_dim, self.hidden_dim, fused=self.fused_vision_config is not None)
+        queries = self.action_chunk_size * self.action_dim * self.hidden_dim if self.action_decoding == "parallel" else 0
+        return vision + projector + _llama_param_count(self.text_config) + queries
+
+    @classmethod
+    def recommended_defaults(cls, **overrides) -> "OpenVLAConfig":
+        """The reference API's recommended configuration (its defaults), with optional overrides."""
+        return cls(**overrides)
+
+    @classmethod
+    def small_config(cls, **overrides) -> "OpenVLAConfig":
+        """The reference API's small configuration for tests and prototyping, with optional overrides."""
+        options = {
+            "image_size": 112,
+            "patch_size": 14,
+            "vision_dim": 192,
+            "hidden_dim": 256,
+            "num_layers": 4,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "action_dim": 7,
+            "num_action_bins": 256,
+        }
+        options.update(overrides)
+        return cls(**options)
+
+
+def _as_square(size: int | list[int] | tuple[int, int], name: str) -> int:
+    if isinstance(size, int):
+        return size
+    if len(size) != 2 or size[0] != size[1]:
+        raise ValueError(f"{name}={size} must be square.")
+    return int(size[0])
+
+
+def _linear(fan_in: int, fan_out: int, bias: bool = True) -> int:
+    return fan_in * fan_out + (fan_out if bias else 0)
+
+
+def _vit_block_param_count(width: int, mlp_width: int, qkv_bias: bool, layer_scale: bool) -> int:
+    attention = 3 * _linear(width, width, qkv_bias) + _linear(width, width)
+    mlp = _linear(width, mlp_width) + _linear(mlp_width, width)
+    norms = 2 * 2 * width
+    return attention + mlp + norms + (2 * width if layer_scale else 0)
+
+
+def _vision_param_count(config: PreTrainedConfig) -> int:
+    """Parameters of a transformers Dinov2, Dinov2WithRegisters or SigLIP vision model built from `config`."""
+    width = config.hidden_size
+    patch = _as_square(config.patch_size, "patch_size")
+    grid = (_as_square(config.image_size, "image_size") // patch) ** 2
+    patch_embedding = _linear(config.num_channels * patch * patch, width)
+    if config.model_type in ("dinov2", "dinov2_with_registers"):
+        if getattr(config, "use_swiglu_ffn", False):
+            raise NotImplementedError("param_count does not cover DINOv2's SwiGLU MLP (use_swiglu_ffn=True).")
+        block = _vit_block_param_count(width, int(width * config.mlp_ratio), config.qkv_bias, layer_scale=True)
+        tokens = width * (1 + getattr(config, "num_register_tokens", 0))
+        mask_token = width if getattr(config, "use_mask_token", True) else 0
+        positions = (grid + 1) * width
+        return patch_embedding + tokens + mask_token + positions + config.num_hidden_layers * block + 2 * width
+    if config.model_type == "siglip_vision_model":
+        block = _vit_block_param_count(width, config.intermediate_size, qkv_bias=True, layer_scale=False)
+        total = patch_embedding + grid * width + config.num_hidden_layers * block + 2 * width
+        if config.vision_use_head:
+            head_mlp = _linear(width, config.intermediate_size) + _linear(config.intermediate_size, width)
+            total += width + 3 * width * width + 3 * width + _linear(width, width) + 2 * width + head_mlp
+        return total
+    raise NotImplementedError(f"param_count does not know vision model_type={config.model_type!r}.")
+
+
+def _projector_param_count(vision_dim: int, hidden_dim: int, fused: bool) -> int:
+    if fused:
+        return _linear(vision_dim, 4 * vision_dim) + _linear(4 * vision_dim, hidden_dim) + _linear(hidden_dim, hidden_dim)
+    return _linear(vision_dim, hidden_dim) + _linear(hidden_dim, hidden_dim)
+
+
+def _llama_param_count(config: PreTrainedConfig) -> int:
+    """Parameters of a transformers `LlamaForCausalLM` built from `config`."""
+    width, vocab = config.hidden_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or width // config.num_attention_heads
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    attention = (
+        _linear(width, config.num_attention_heads * head_dim, config.attention_bias)
+        + 2 * _linear(width, kv_heads * head_dim, config.attention_bias)
+        + _linear(config.num_attention_heads * head_dim, width, config.attention_bias)
+    )
+    mlp = 2 * _linear(width, config.intermediate_size, config.mlp_bias) + _linear(config.intermediate_size, width, config.mlp_bias)
+    layer = attention + mlp + 2 * width
+    head = 0 if config.tie_word_embeddings else vocab * width
+    return vocab * width + config.num_hidden_layers * layer + width + head
+
+
+__all__ = ["OpenVLAConfig"]

@@ -1,0 +1,459 @@
+"""OpenVLA: a vision-language-action model built from transformers' Dinov2 / SigLIP and Llama modules.
+
+```
+pixel_values [B, C, H, W] -> vision backbone -> patch features [B, P, vision_dim] -> projector -> [B, P, hidden]
+input_ids [B, T] = [BOS | image placeholders | prompt | action tokens] -> embeddings, placeholders <- patches
+-> Llama decoder -> action_logits [B, action_dim, num_action_bins] -> argmax -> bins -> continuous actions
+```
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationConfig, GenerationMixin, LlamaForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.generation import LogitsProcessor, LogitsProcessorList
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
+
+
+try:
+    from .configuration_openvla import OpenVLAConfig
+    from .processing_openvla import IGNORE_INDEX, ActionTokenizer
+except ImportError:
+    from configuration_openvla import OpenVLAConfig
+    from processing_openvla import IGNORE_INDEX, ActionTokenizer
+
+
+def vla_loss(action_logits: torch.Tensor, target_bins: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every action dimension (the reference API's `vla_loss`).
+
+    Args:
+        action_logits: `[batch, ..., num_action_bins]`, e.g. `[batch, action_dim, num_action_bins]`.
+        target_bins: `[batch, ...]` integer bins, e.g. `[batch, action_dim]`.
+
+    Returns:
+        Scalar loss.
+    """
+    if action_logits.shape[:-1] != target_bins.shape:
+        raise ValueError(
+            f"action_logits {tuple(action_logits.shape)} and target_bins {tuple(target_bins.shape)} disagree; "
+            "expected logits [batch, action_dim, num_action_bins] and targets [batch, action_dim]."
+        )
+    num_bins = action_logits.shape[-1]
+    return F.cross_entropy(action_logits.reshape(-1, num_bins).float(), target_bins.reshape(-1).long())
+
+
+@dataclass
+class OpenVLAOutput(ModelOutput):
+    """
+    loss (`torch.FloatTensor`, *optional*): `vla_loss` of the action tokens, when `labels` are given.
+    logits (`torch.FloatTensor` `[batch, sequence_length, vocab_size]`): language-model logits.
+    action_logits (`torch.FloatTensor` `[batch, action_dim, num_action_bins]`, *optional*): logits of the action bins
+        at the action positions (`[batch, chunk, action_dim, num_action_bins]` for parallel decoding with chunks);
+        present when the input holds action tokens (`labels`) or in parallel decoding.
+    past_key_values (`Cache`, *optional*): KV cache of the decoder.
+    hidden_states, attentions: as returned by the decoder when requested.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    action_logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class IdentityRotaryEmbedding(nn.Module):
+    """Stands in for the decoder's rotary embedding when `rope=False`: cos = 1 and sin = 0, the identity rotation,
+    so queries and keys carry no position information."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*position_ids.shape, self.head_dim)
+        ones = torch.ones(shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        return ones, torch.zeros_like(ones)
+
+
+class OpenVLAVisionBackbone(nn.Module):
+    """DINOv2 (optionally fused with SigLIP) patch features of one hidden layer, without CLS / register tokens.
+
+    For a fused backbone, channels 0-2 of `pixel_values` go to the first model and channels 3-5 to the second; their
+    patch features are concatenated on the feature dimension.
+    """
+
+    def __init__(self, config: OpenVLAConfig):
+        super().__init__()
+        self.feature_layer = config.vision_feature_layer
+        self.featurizer = AutoModel.from_config(config.vision_config)
+        self.fused_featurizer = (
+            AutoModel.from_config(config.fused_vision_config) if config.fused_vision_config is not None else None
+        )
+
+    def _patch_features(self, model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+        num_prefix_tokens = hidden_states.shape[1] - (pixel_values.shape[-1] // model.config.patch_size) ** 2
+        return hidden_states[:, num_prefix_tokens:]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[batch, channels, height, width]` -> `[batch, num_patches, vision_dim]`."""
+        if self.fused_featurizer is None:
+            return self._patch_features(self.featurizer, pixel_values)
+        first_channels = self.featurizer.config.num_channels
+        features = self._patch_features(self.featurizer, pixel_values[:, :first_channels])
+        fused = self._patch_features(self.fused_featurizer, pixel_values[:, first_channels:])
+        return torch.cat([features, fused], dim=-1)
+
+
+class OpenVLAProjector(nn.Module):
+    """MLP from vision features to the LLM width: `fc1 -> GELU -> fc2`, or for a fused backbone
+    `fc1 (4x wider) -> GELU -> fc2 -> GELU -> fc3` (official OpenVLA's "fused-gelu-mlp")."""
+
+    def __init__(self, vision_dim: int, hidden_dim: int, fused: bool):
+        super().__init__()
+        if fused:
+            self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+            self.fc2 = nn.Linear(4 * vision_dim, hidden_dim)
+            self.fc3 = nn.Linear(hidden_dim, hidden_dim)
+        else:
+            self.fc1 = nn.Linear(vision_dim, hidden_dim)
+            self.fc2 = nn.Linear(hidden_dim, hidden_dim)
+            self.fc3 = None
+        self.act = nn.GELU()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`[batch, num_patches, vision_dim]` -> `[batch, num_patches, hidden_dim]`."""
+        hidden_states = self.fc2(self.act(self.fc1(features)))
+        if self.fc3 is not None:
+            hidden_states = self.fc3(self.act(hidden_states))
+        return hidden_states
+
+
+class ActionTokenRange(LogitsProcessor):
+    """Restricts greedy decoding to the action tokens `[start, end)`."""
+
+    def __init__(self, start: int, end: int):
+        self.start = start
+        self.end = end
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = torch.full_like(scores, float("-inf"))
+        allowed[:, self.start : self.end] = 0.0
+        return scores + allowed
+
+
+class OpenVLAPreTrainedModel(PreTrainedModel):
+    config_class = OpenVLAConfig
+    config: OpenVLAConfig
+    base_model_prefix = "openvla"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "Dinov2Layer", "Dinov2WithRegistersLayer", "SiglipEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
+    """Image + instruction -> discretised robot action.
+
+    Submodules keep the official OpenVLA names: `vision_backbone` (`featurizer`, `fused_featurizer`), `projector`
+    (`fc1`, `fc2`, `fc3`) and `language_model` (a `LlamaForCausalLM`). In parallel decoding, `action_queries` holds one
+    learned embedding per predicted action token.
+    """
+
+    def __init__(self, config: OpenVLAConfig):
+        super().__init__(config)
+        self.vision_backbone = OpenVLAVisionBackbone(config)
+        self.projector = OpenVLAProjector(
+            config.vision_dim, config.hidden_dim, fused=config.fused_vision_config is not None
+        )
+        self.language_model = LlamaForCausalLM(config.text_config)
+        if not config.rope:
+            text_config = config.text_config
+            head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+            self.language_model.model.rotary_emb = IdentityRotaryEmbedding(head_dim)
+        self.action_queries = (
+            nn.Embedding(config.action_chunk_size * config.action_dim, config.hidden_dim)
+            if config.action_decoding == "parallel"
+            else None
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    @property
+    def action_tokenizer(self) -> ActionTokenizer:
+        return ActionTokenizer.from_config(self.config)
+
+    @property
+    def num_action_tokens(self) -> int:
+        """Action tokens predicted per call: `action_chunk_size * action_dim`."""
+        return self.config.action_chunk_size * self.config.action_dim
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        config = self.config
+        expected = (config.pixel_channels, config.image_size, config.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must be [batch, {expected[0]}, {expected[1]}, {expected[2]}] for this model, got "
+                f"{tuple(pixel_values.shape)}; preprocess images with the model's OpenVLAProcessor / OpenVLAImageProcessor."
+            )
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features of the vision backbone: `[batch, C, H, W]` -> `[batch, num_patches, vision_dim]`."""
+        self._check_pixel_values(pixel_values)
+        return self.vision_backbone(pixel_values.to(self.dtype))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected patch features: `[batch, C, H, W]` -> `[batch, num_patches, hidden_dim]`."""
+        return self.projector(self.encode_image(pixel_values))
+
+    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings `[batch, seq, hidden]` with the image placeholders replaced by projected patches."""
+        image_mask = input_ids == self.config.image_token_id
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        placeholders = image_mask.sum(-1)
+        if pixel_values is None:
+            if placeholders.any():
+                raise ValueError("input_ids hold image placeholders but no pixel_values were given.")
+            return inputs_embeds
+        if not torch.all(placeholders == self.config.num_patches):
+            raise ValueError(
+                f"Each row of input_ids must hold {self.config.num_patches} image placeholders (id "
+                f"{self.config.image_token_id}), got {placeholders.tolist()}; build inputs with OpenVLAProcessor."
+            )
+        image_features = self.get_image_features(pixel_values)
+        if image_features.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Got {pixel_values.shape[0]} images for {input_ids.shape[0]} rows of input_ids.")
+        mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+
+    def _action_positions(self, labels: torch.LongTensor) -> torch.Tensor:
+        """Boolean `[batch, seq]` mask of the supervised action tokens, checked to hold `num_action_tokens` per row."""
+        supervised = labels != IGNORE_INDEX
+        counts = supervised.sum(-1)
+        if not torch.all(counts == self.num_action_tokens):
+            raise ValueError(
+                f"Each row of labels must supervise {self.num_action_tokens} action tokens "
+                f"(action_chunk_size * action_dim), got {counts.tolist()}."
+            )
+        tokenizer = self.action_tokenizer
+        targets = labels[supervised]
+        if torch.any((targets < tokenizer.action_token_start) | (targets >= tokenizer.action_token_end)):
+            raise ValueError(
+                f"labels must be action tokens in [{tokenizer.action_token_start}, {tokenizer.action_token_end}) or "
+                f"{IGNORE_INDEX}; build them with OpenVLAProcessor(actions=...)."
+            )
+        return supervised
+
+    def _bin_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hidden states `[..., hidden]` -> logits of the action bins `[..., num_action_bins]` (bin 0 first)."""
+        tokenizer = self.action_tokenizer
+        head = self.get_output_embeddings()
+        weight = head.weight[tokenizer.action_token_start : tokenizer.action_token_end].flip(0)
+        bias = head.bias[tokenizer.action_token_start : tokenizer.action_token_end].flip(0) if head.bias is not None else None
+        return F.linear(hidden_states, weight, bias)
+
+    def _parallel_inputs(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.LongTensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the action queries over the action tokens (training) or append them (inference).
+
+        Returns the embeddings, the 2D attention mask, and a boolean `[batch, seq]` mask of the query positions.
+        """
+        batch_size = inputs_embeds.shape[0]
+        queries = self.action_queries.weight.to(inputs_embeds.dtype)
+        if labels is not None:
+            query_mask = self._action_positions(labels)
+            expanded = query_mask.unsqueeze(-1).expand_as(inputs_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(expanded, queries.repeat(batch_size, 1))
+            return inputs_embeds, attention_mask, query_mask
+        inputs_embeds = torch.cat([inputs_embeds, queries.unsqueeze(0).expand(batch_size, -1, -1)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, self.num_action_tokens)], dim=1)
+        query_mask = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
+        query_mask[:, -self.num_action_tokens :] = True
+        return inputs_embeds, attention_mask, query_mask
+
+    def _parallel_attention_mask(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, query_mask: torch.Tensor
+    ):
+        """Causal over the prompt, bidirectional among the action queries (one block of `block_sequence_ids`)."""
+        block_ids = torch.where(query_mask, 0, -1)
+        return create_causal_mask(
+            config=self.language_model.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+            block_sequence_ids=block_ids,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> OpenVLAOutput:
+        """
+        Args:
+            input_ids: `[batch, seq]` from `OpenVLAProcessor`: `[BOS | image placeholders | prompt | action tokens]`.
+            attention_mask: `[batch, seq]`, 0 on (left) padding.
+            pixel_values: `[batch, 3 or 6, image_size, image_size]`.
+            labels: `[batch, seq]`, action token ids where supervised, -100 elsewhere.
+
+        Returns:
+            `OpenVLAOutput`; `action_logits` is `[batch, action_dim, num_action_bins]` (with a chunk dimension after
+            `batch` for parallel decoding with chunks).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        if attention_mask is None:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            attention_mask = torch.ones(
+                inputs_embeds.shape[0], past_length + inputs_embeds.shape[1], dtype=torch.long, device=inputs_embeds.device
+            )
+        parallel = self.config.action_decoding == "parallel"
+        if parallel:
+            inputs_embeds, attention_mask, query_mask = self._parallel_inputs(inputs_embeds, attention_mask, labels)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        decoder_mask = (
+            self._parallel_attention_mask(inputs_embeds, attention_mask, position_ids, query_mask) if parallel else attention_mask
+        )
+        outputs = self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=decoder_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache and not parallel,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.language_model.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        action_logits = loss = None
+        batch_size = hidden_states.shape[0]
+        if parallel:
+            action_hidden = hidden_states[query_mask].view(batch_size, self.num_action_tokens, -1)
+        elif labels is not None:
+            predicts_action = self._action_positions(labels)[:, 1:]
+            action_hidden = hidden_states[:, :-1][predicts_action].view(batch_size, self.num_action_tokens, -1)
+        if parallel or labels is not None:
+            action_logits = self._bin_logits(action_hidden)
+            if labels is not None:
+                target_bins = self.action_tokenizer.token_ids_to_bins(labels[labels != IGNORE_INDEX])
+                loss = vla_loss(action_logits, target_bins.view(batch_size, self.num_action_tokens))
+            action_logits = self._chunked(action_logits)
+        return OpenVLAOutput(
+            loss=loss,
+            logits=logits,
+            action_logits=action_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _chunked(self, values: torch.Tensor) -> torch.Tensor:
+        """`[batch, chunk * action_dim, ...]` -> `[batch, action_dim, ...]`, or `[batch, chunk, action_dim, ...]`."""
+        if self.config.action_chunk_size == 1:
+            return values
+        return values.view(values.shape[0], self.config.action_chunk_size, self.config.action_dim, *values.shape[2:])
+
+    @torch.no_grad()
+    def predict_action_logits(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of the action bins for a batch of prompts (no action tokens in `input_ids`).
+
+        Autoregressive decoding runs `generate()` greedily over the action tokens with a KV cache and collects each
+        step's logits; parallel decoding runs one forward pass.
+
+        Returns:
+            `[batch, action_dim, num_action_bins]`, or `[batch, chunk, action_dim, num_action_bins]` with chunks.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.config.action_decoding == "parallel":
+            return self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).action_logits
+        tokenizer = self.action_tokenizer
+        generation_config = GenerationConfig(
+            max_new_tokens=self.num_action_tokens,
+            min_new_tokens=self.num_action_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=self.config.text_config.pad_token_id or 0,
+            eos_token_id=None,
+            bos_token_id=None,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        generated = self.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([ActionTokenRange(tokenizer.action_token_start, tokenizer.action_token_end)]),
+        )
+        step_logits = torch.stack(generated.logits, dim=1)
+        return self._chunked(step_logits[..., tokenizer.action_token_start : tokenizer.action_token_end].flip(-1))
+
+    @torch.no_grad()
+    def predict_action(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        unnorm_key: str | None = None,
+    ) -> torch.Tensor:
+        """Continuous actions for a batch of images and instructions.
+
+        Args:
+            input_ids, attention_mask, pixel_values: the output of `OpenVLAProcessor(images=..., text=...)`.
+            unnorm_key: dataset whose statistics (`config.norm_stats`) unnormalise the actions; may be left out when
+                there is one dataset. Without statistics the actions stay in `[action_min, action_max]`.
+
+        Returns:
+            float32 actions `[batch, action_dim]`, or `[batch, chunk, action_dim]` with action chunks.
+        """
+        tokenizer = self.action_tokenizer
+        tokenizer.stats_for(unnorm_key)
+        bins = self.predict_action_logits(input_ids, attention_mask, pixel_values).argmax(-1)
+        return tokenizer.bins_to_actions(bins, unnorm_key)
+
+
+OpenVLAConfig.register_for_auto_class()
+OpenVLAForActionPrediction.register_for_auto_class("AutoModel")
+
+__all__ = ["OpenVLAForActionPrediction", "OpenVLAPreTrainedModel", "vla_loss"]

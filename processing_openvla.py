@@ -1,0 +1,619 @@
+"""OpenVLA processing: images, prompts, action tokens and action statistics.
+
+- `tokenize_actions` / `detokenize_actions`: continuous actions <-> bin indices (reference or official OpenVLA scheme).
+- `compute_action_stats`, `normalize_actions`, `unnormalize_actions`: per-dataset statistics in the official OpenVLA
+  layout (q01/q99 bounds, a mask of the dimensions that are normalised).
+- `ActionTokenizer`: bins <-> token ids (the `num_action_bins` ids just below `action_token_end`, highest id = bin 0,
+  as in official OpenVLA) and raw actions <-> token ids through the statistics.
+- `OpenVLAImageProcessor`: resize, rescale and normalise; a second normalisation stacked as channels 3-5 for a fused
+  DINOv2 + SigLIP backbone.
+- `OpenVLAProcessor`: images + instructions (+ actions) -> `input_ids`, `attention_mask`, `pixel_values`, `labels`.
+- `OpenVLADataCollator`: left-pads rows that the processor made one at a time.
+"""
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin
+
+
+DEFAULT_PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
+IGNORE_INDEX = -100
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _to_numpy(values: ArrayLike | Sequence) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _like(result: np.ndarray, reference: Any) -> ArrayLike:
+    """Return `result` as a torch tensor on `reference`'s device if `reference` is one, else as numpy."""
+    if isinstance(reference, torch.Tensor):
+        return torch.from_numpy(np.ascontiguousarray(result)).to(reference.device)
+    return result
+
+
+def _check_finite(actions: np.ndarray, name: str = "actions") -> None:
+    if not np.all(np.isfinite(actions)):
+        bad = np.argwhere(~np.isfinite(actions))[0].tolist()
+        raise ValueError(
+            f"{name} contain NaN or inf (first at index {bad}: {actions[tuple(bad)]}); clean or drop these samples."
+        )
+
+
+def _check_range(action_min: float, action_max: float) -> None:
+    if not action_min < action_max:
+        raise ValueError(f"action_min={action_min} must be smaller than action_max={action_max}.")
+
+
+def tokenize_actions(
+    actions: ArrayLike,
+    num_bins: int = 256,
+    action_min: float = -1.0,
+    action_max: float = 1.0,
+    scheme: str = "reference",
+) -> ArrayLike:
+    """Discretise continuous actions into bin indices.
+
+    Args:
+        actions: `[batch, action_dim]` or `[action_dim]` floats (numpy or torch); values are clipped to the range first.
+        num_bins: bins per dimension.
+        action_min, action_max: range covered by the bins.
+        scheme: `"reference"`: `floor((a - min) / (max - min) * (num_bins - 1))`; `"openvla"`:
+            `digitize(a, linspace(min, max, num_bins)) - 1`, as the published OpenVLA checkpoints.
+
+    Returns:
+        int64 bin indices in `[0, num_bins - 1]`, same shape and array type as `actions`.
+    """
+    _check_range(action_min, action_max)
+    values = _to_numpy(actions).astype(np.float64)
+    _check_finite(values)
+    values = np.clip(values, action_min, action_max)
+    if scheme == "reference":
+        bins = np.floor((values - action_min) / (action_max - action_min) * (num_bins - 1))
+    elif scheme == "openvla":
+        bins = np.digitize(values, np.linspace(action_min, action_max, num_bins)) - 1
+    else:
+        raise ValueError(f"scheme={scheme!r} is not one of ('reference', 'openvla').")
+    return _like(bins.astype(np.int64), actions)
+
+
+def detokenize_actions(
+    bins: ArrayLike,
+    num_bins: int = 256,
+    action_min: float = -1.0,
+    action_max: float = 1.0,
+    scheme: str = "reference",
+) -> ArrayLike:
+    """Map bin indices back to continuous actions.
+
+    Args:
+        bins: `[batch, action_dim]` or `[action_dim]` integers in `[0, num_bins - 1]`.
+        scheme: `"reference"`: `min + bin / (num_bins - 1) * (max - min)`; `"openvla"`: the centre of bin
+            `min(bin, num_bins - 2)` of `linspace(min, max, num_bins)` (official OpenVLA decoding).
+
+    Returns:
+        float32 actions, same shape and array type as `bins`.
+    """
+    _check_range(action_min, action_max)
+    indices = _to_numpy(bins)
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"bins must be integers, got dtype {indices.dtype}.")
+    if indices.size and (indices.min() < 0 or indices.max() > num_bins - 1):
+        raise ValueError(
+            f"bins must lie in [0, {num_bins - 1}] for num_bins={num_bins}, got values in [{indices.min()}, {indices.max()}]."
+        )
+    if scheme == "reference":
+        values = action_min + indices / (num_bins - 1) * (action_max - action_min)
+    elif scheme == "openvla":
+        edges = np.linspace(action_min, action_max, num_bins)
+        centers = (edges[:-1] + edges[1:]) / 2.0
+        values = centers[np.minimum(indices, num_bins - 2)]
+    else:
+        raise ValueError(f"scheme={scheme!r} is not one of ('reference', 'openvla').")
+    return _like(values.astype(np.float32), bins)
+
+
+def compute_action_stats(actions: ArrayLike, mask: Sequence[bool] | None = None) -> dict[str, Any]:
+    """Statistics of a dataset's actions in the official OpenVLA layout.
+
+    Args:
+        actions: `[num_samples, action_dim]` raw actions.
+        mask: per dimension, whether it is normalised (official OpenVLA leaves the gripper dimension out). All
+            dimensions by default.
+
+    Returns:
+        `{"action": {"mean", "std", "max", "min", "q01", "q99", "mask"}, "num_transitions": N}` with lists of floats.
+    """
+    values = _to_numpy(actions).astype(np.float64)
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"actions must be a non-empty [num_samples, action_dim] array, got shape {values.shape}.")
+    _check_finite(values)
+    mask = [True] * values.shape[1] if mask is None else [bool(m) for m in mask]
+    if len(mask) != values.shape[1]:
+        raise ValueError(f"mask has {len(mask)} entries but the actions have {values.shape[1]} dimensions.")
+    stats = {
+        "mean": values.mean(0),
+        "std": values.std(0),
+        "max": values.max(0),
+        "min": values.min(0),
+        "q01": np.quantile(values, 0.01, axis=0),
+        "q99": np.quantile(values, 0.99, axis=0),
+    }
+    action_stats = {name: stat.astype(np.float32).tolist() for name, stat in stats.items()}
+    action_stats["mask"] = mask
+    return {"action": action_stats, "num_transitions": int(values.shape[0])}
+
+
+def _stat_arrays(stats: Mapping[str, Any], action_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    action_stats = stats.get("action", stats)
+    low = np.asarray(action_stats["q01"], dtype=np.float64)
+    high = np.asarray(action_stats["q99"], dtype=np.float64)
+    mask = np.asarray(action_stats.get("mask", np.ones_like(low, dtype=bool)), dtype=bool)
+    if not low.shape == high.shape == mask.shape == (action_dim,):
+        raise ValueError(
+            f"The action statistics describe {low.shape[0]}-dimensional actions (q01 {low.shape}, q99 {high.shape}, "
+            f"mask {mask.shape}) but the actions have {action_dim} dimensions."
+        )
+    return low, high, mask
+
+
+def normalize_actions(actions: ArrayLike, stats: Mapping[str, Any]) -> ArrayLike:
+    """Raw actions -> [-1, 1] with the q01/q99 bounds (official OpenVLA `BOUNDS_Q99`).
+
+    Masked dimensions are normalised as `clip(2 * (a - q01) / (q99 - q01) - 1, -1, 1)` (values beyond the 1% / 99%
+    quantiles saturate, by design of the scheme); dimensions with `q01 == q99` map to 0; unmasked dimensions pass
+    through unchanged. `actions` is `[..., action_dim]`.
+    """
+    values = _to_numpy(actions).astype(np.float64)
+    _check_finite(values)
+    low, high, mask = _stat_arrays(stats, values.shape[-1])
+    span = high - low
+    scaled = np.clip(2.0 * (values - low) / np.where(span > 0, span, 1.0) - 1.0, -1.0, 1.0)
+    scaled = np.where(span > 0, scaled, 0.0)
+    return _like(np.where(mask, scaled, values).astype(np.float32), actions)
+
+
+def unnormalize_actions(actions: ArrayLike, stats: Mapping[str, Any]) -> ArrayLike:
+    """[-1, 1] -> raw actions: `0.5 * (a + 1) * (q99 - q01) + q01` on masked dimensions (official OpenVLA)."""
+    values = _to_numpy(actions).astype(np.float64)
+    low, high, mask = _stat_arrays(stats, values.shape[-1])
+    raw = 0.5 * (values + 1.0) * (high - low) + low
+    return _like(np.where(mask, raw, values).astype(np.float32), actions)
+
+
+def resolve_unnorm_key(norm_stats: Mapping[str, Any], unnorm_key: str | None) -> str | None:
+    """The dataset whose statistics apply: `unnorm_key`, or the only dataset, or `None` when there are no statistics."""
+    if unnorm_key is None:
+        if len(norm_stats) > 1:
+            raise ValueError(
+                f"This model was trained on several datasets {sorted(norm_stats)}; pass unnorm_key=<one of them> to "
+                "say whose action statistics to use."
+            )
+        return next(iter(norm_stats), None)
+    if unnorm_key not in norm_stats:
+        raise ValueError(f"unnorm_key={unnorm_key!r} is not in norm_stats; known keys: {sorted(norm_stats)}.")
+    return unnorm_key
+
+
+class ActionTokenizer:
+    """Maps actions to LLM token ids and back.
+
+    Action tokens are the `num_action_bins` ids just below `action_token_end`; bin `b` is token
+    `action_token_end - 1 - b` (official OpenVLA ordering).
+    """
+
+    def __init__(
+        self,
+        num_action_bins: int = 256,
+        action_token_end: int = 32000,
+        action_min: float = -1.0,
+        action_max: float = 1.0,
+        scheme: str = "reference",
+        norm_stats: Mapping[str, Any] | None = None,
+    ):
+        if num_action_bins < 2 or action_token_end < num_action_bins:
+            raise ValueError(
+                f"num_action_bins={num_action_bins} action tokens do not fit below action_token_end={action_token_end}; "
+                "the vocabulary must hold at least num_action_bins tokens."
+            )
+        _check_range(action_min, action_max)
+        self.num_action_bins = num_action_bins
+        self.action_token_end = action_token_end
+        self.action_min = action_min
+        self.action_max = action_max
+        self.scheme = scheme
+        self.norm_stats = dict(norm_stats or {})
+
+    @classmethod
+    def from_config(cls, config) -> "ActionTokenizer":
+        return cls(
+            num_action_bins=config.num_action_bins,
+            action_token_end=config.action_token_end,
+            action_min=config.action_min,
+            action_max=config.action_max,
+            scheme=config.action_binning,
+            norm_stats=config.norm_stats,
+        )
+
+    @property
+    def action_token_start(self) -> int:
+        return self.action_token_end - self.num_action_bins
+
+    def bins_to_token_ids(self, bins: ArrayLike) -> ArrayLike:
+        return self.action_token_end - 1 - bins
+
+    def token_ids_to_bins(self, token_ids: ArrayLike) -> ArrayLike:
+        """Token ids -> bins; ids outside the action range clip to the nearest end (official OpenVLA)."""
+        bins = self.action_token_end - 1 - token_ids
+        if isinstance(bins, torch.Tensor):
+            return bins.clamp(0, self.num_action_bins - 1)
+        return np.clip(bins, 0, self.num_action_bins - 1)
+
+    def _bin_options(self) -> dict[str, Any]:
+        return {
+            "num_bins": self.num_action_bins,
+            "action_min": self.action_min,
+            "action_max": self.action_max,
+            "scheme": self.scheme,
+        }
+
+    def stats_for(self, unnorm_key: str | None) -> Mapping[str, Any] | None:
+        key = resolve_unnorm_key(self.norm_stats, unnorm_key)
+        return None if key is None else self.norm_stats[key]
+
+    def encode(self, actions: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
+        """Raw actions `[..., action_dim]` -> action token ids (normalised first when statistics are known)."""
+        stats = self.stats_for(unnorm_key)
+        values = _to_numpy(actions).astype(np.float64)
+        _check_finite(values)
+        if stats is not None:
+            values = normalize_actions(values, stats)
+        elif values.size and (values.min() < self.action_min or values.max() > self.action_max):
+            warnings.warn(
+                f"Actions span [{values.min():.4g}, {values.max():.4g}] but there are no statistics to normalise them and "
+                f"the bins cover [{self.action_min}, {self.action_max}]: values outside are clipped. Compute statistics "
+                "with compute_action_stats and pass them as norm_stats.",
+                stacklevel=2,
+            )
+        token_ids = self.bins_to_token_ids(tokenize_actions(values, **self._bin_options()))
+        return _like(token_ids, actions)
+
+    def bins_to_actions(self, bins: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
+        """Bins `[..., action_dim]` -> raw actions (unnormalised when statistics are known)."""
+        stats = self.stats_for(unnorm_key)
+        actions = detokenize_actions(bins, **self._bin_options())
+        return actions if stats is None else unnormalize_actions(actions, stats)
+
+    def decode(self, token_ids: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
+        """Action token ids `[..., action_dim]` -> raw actions."""
+        return self.bins_to_actions(self.token_ids_to_bins(token_ids), unnorm_key)
+
+
+class OpenVLAImagesKwargs(ImagesKwargs, total=False):
+    """
+    fused_image_mean (`list[float]`, *optional*):
+        Mean of the second normalisation, stacked as channels 3-5 for a fused (DINOv2 + SigLIP) backbone.
+    fused_image_std (`list[float]`, *optional*):
+        Standard deviation of the second normalisation.
+    """
+
+    fused_image_mean: list[float] | None
+    fused_image_std: list[float] | None
+
+
+class OpenVLAImageProcessor(PilBackend):
+    """Resizes images to `image_size` x `image_size` (bicubic, antialiased), rescales and normalises them.
+
+    Accepts PIL images, numpy `[H, W, C]` / `[C, H, W]` arrays and torch `[C, H, W]` tensors, one or a list. Integer
+    images are rescaled by 1/255; floating-point images are taken to be in [0, 1] already. With `fused_image_mean`
+    and `fused_image_std`, the image is normalised twice and the results stacked as 6 channels (DINOv2 + SigLIP).
+
+    Returns `pixel_values` `[batch, 3 or 6, image_size, image_size]`.
+    """
+
+    valid_kwargs = OpenVLAImagesKwargs
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BICUBIC
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    fused_image_mean = None
+    fused_image_std = None
+    size = {"height": 224, "width": 224}
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+
+    def __init__(self, image_size: int | None = None, **kwargs):
+        if image_size is not None:
+            kwargs["size"] = {"height": image_size, "width": image_size}
+        super().__init__(**kwargs)
+        if (self.fused_image_mean is None) != (self.fused_image_std is None):
+            raise ValueError("Pass both fused_image_mean and fused_image_std for a fused backbone, or neither.")
+
+    @property
+    def image_size(self) -> int:
+        return self.size["height"]
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_resize: bool,
+        size,
+        resample,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        fused_image_mean=None,
+        fused_image_std=None,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        pixel_values = []
+        for image in images:
+            if do_resize:
+                image = self.resize(image=image, size=size, resample=resample)
+            if do_rescale and not np.issubdtype(image.dtype, np.floating):
+                image = self.rescale(image, rescale_factor)
+            image = image.astype(np.float32)
+            if do_normalize:
+                normalised = [self.normalize(image, image_mean, image_std)]
+                if fused_image_mean is not None:
+                    normalised.append(self.normalize(image, fused_image_mean, fused_image_std))
+                image = np.concatenate(normalised, axis=0)
+            pixel_values.append(image)
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+
+def _as_list(values: Any) -> list:
+    return list(values) if isinstance(values, (list, tuple)) else [values]
+
+
+def left_pad(rows: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad `input_ids` (with `pad_token_id`), `attention_mask` (0) and `labels` (-100) of several rows.
+
+    Left padding keeps every prompt's last token in the last column, as batched generation needs.
+    """
+    length = max(len(row["input_ids"]) for row in rows)
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch = {}
+    for key, pad_value in pad_values.items():
+        if key not in rows[0]:
+            continue
+        batch[key] = torch.tensor(
+            [[pad_value] * (length - len(row[key])) + list(row[key]) for row in rows], dtype=torch.long
+        )
+    return batch
+
+
+class OpenVLAProcessor(ProcessorMixin):
+    """Turns images and instructions (and, for training, actions) into OpenVLA model inputs.
+
+    The sequence of a row is `[BOS | image placeholders x num_image_tokens | prompt | action tokens]`, left-padded:
+    the model writes the projected image patches over the placeholders. The prompt is `prompt_template` filled with
+    the instruction. With `actions`, `labels` supervise the action tokens only (everything else is -100).
+
+    Args:
+        image_processor: an `OpenVLAImageProcessor`.
+        tokenizer: a fast tokenizer with BOS and EOS tokens; if it has no pad token, EOS pads (no token is added).
+        action_dim, num_action_bins, action_min, action_max, action_binning: action space, as in `OpenVLAConfig`.
+        action_token_end: one past the highest action token id; defaults to `len(tokenizer)`, so the action tokens
+            are the last `num_action_bins` ids of the vocabulary.
+        patch_size: ViT patch size; `num_image_tokens = (image_size // patch_size) ** 2`.
+        image_token_id: placeholder id of the image patches; defaults to `len(tokenizer)` (the config default).
+        prompt_template: format string with an `{instruction}` field.
+        prompt_suffix_token_id: token appended to a prompt that does not already end with it (official OpenVLA
+            appends Llama-2's empty token).
+        max_text_len: longest prompt in tokens; longer prompts raise an error.
+        norm_stats: per-dataset action statistics (official layout) used to normalise raw training actions.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        action_dim: int = 7,
+        num_action_bins: int = 256,
+        action_min: float = -1.0,
+        action_max: float = 1.0,
+        action_binning: str = "reference",
+        action_token_end: int | None = None,
+        patch_size: int = 14,
+        image_token_id: int | None = None,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_suffix_token_id: int | None = None,
+        max_text_len: int = 64,
+        norm_stats: dict | None = None,
+        **kwargs,
+    ):
+        if tokenizer is None or image_processor is None:
+            raise ValueError("OpenVLAProcessor needs both an image_processor and a tokenizer.")
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError(f"The tokenizer needs BOS and EOS tokens, got bos={tokenizer.bos_token!r}, eos={tokenizer.eos_token!r}.")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if "{instruction}" not in prompt_template:
+            raise ValueError(f"prompt_template={prompt_template!r} has no {{instruction}} field.")
+        self.action_dim = action_dim
+        self.num_action_bins = num_action_bins
+        self.action_min = action_min
+        self.action_max = action_max
+        self.action_binning = action_binning
+        self.action_token_end = len(tokenizer) if action_token_end is None else action_token_end
+        self.patch_size = patch_size
+        self.image_token_id = len(tokenizer) if image_token_id is None else image_token_id
+        self.prompt_template = prompt_template
+        self.prompt_suffix_token_id = prompt_suffix_token_id
+        self.max_text_len = max_text_len
+        self.norm_stats = dict(norm_stats or {})
+        super().__init__(image_processor, tokenizer, **kwargs)
+        self._check_action_tokens()
+
+    def _check_action_tokens(self) -> None:
+        if self.num_action_bins > self.action_token_end:
+            raise ValueError(
+                f"The vocabulary ({len(self.tokenizer)} tokens, action tokens ending at {self.action_token_end}) is "
+                f"too small for num_action_bins={self.num_action_bins}; use a tokenizer with more tokens or fewer bins."
+            )
+        action_ids = range(self.action_token_end - self.num_action_bins, self.action_token_end)
+        special = {name: getattr(self.tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad", "unk")}
+        clashes = {name: token_id for name, token_id in special.items() if token_id in action_ids}
+        if clashes:
+            raise ValueError(
+                f"Special tokens {clashes} fall among the action token ids [{action_ids.start}, {action_ids.stop}); "
+                f"the vocabulary ({len(self.tokenizer)} tokens) is too small for num_action_bins={self.num_action_bins}."
+            )
+
+    @property
+    def action_tokenizer(self) -> ActionTokenizer:
+        return ActionTokenizer(
+            num_action_bins=self.num_action_bins,
+            action_token_end=self.action_token_end,
+            action_min=self.action_min,
+            action_max=self.action_max,
+            scheme=self.action_binning,
+            norm_stats=self.norm_stats,
+        )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_processor.image_size // self.patch_size) ** 2
+
+    def prompt_token_ids(self, instruction: str) -> list[int]:
+        """`[BOS, prompt tokens...(, suffix)]` for one instruction."""
+        token_ids = self.tokenizer(self.prompt_template.format(instruction=instruction), add_special_tokens=True)["input_ids"]
+        if not token_ids or token_ids[0] != self.tokenizer.bos_token_id:
+            token_ids = [self.tokenizer.bos_token_id, *token_ids]
+        if self.prompt_suffix_token_id is not None and token_ids[-1] != self.prompt_suffix_token_id:
+            token_ids.append(self.prompt_suffix_token_id)
+        if len(token_ids) > self.max_text_len:
+            raise ValueError(
+                f"The prompt for instruction {instruction!r} has {len(token_ids)} tokens, more than max_text_len="
+                f"{self.max_text_len}; shorten the instruction or raise max_text_len."
+            )
+        return token_ids
+
+    def action_token_ids(self, actions: ArrayLike, dataset_name: str | None = None) -> np.ndarray:
+        """Raw actions `[..., action_dim]` -> token ids `[..., action_dim]`, after checking shape and values."""
+        values = _to_numpy(actions).astype(np.float64)
+        if values.shape[-1:] != (self.action_dim,):
+            raise ValueError(
+                f"Each action must have action_dim={self.action_dim} values, got an array of shape {values.shape}."
+            )
+        return self.action_tokenizer.encode(values, dataset_name)
+
+    def encode_row(
+        self, instruction: str, actions: ArrayLike | None = None, dataset_name: str | None = None
+    ) -> dict[str, list[int]]:
+        """Token ids, attention mask and (with actions) labels of one unpadded row.
+
+        `actions` is `[action_dim]`, or `[chunk, action_dim]` for parallel decoding with action chunks.
+        """
+        prompt_ids = self.prompt_token_ids(instruction)
+        input_ids = [prompt_ids[0]] + [self.image_token_id] * self.num_image_tokens + prompt_ids[1:]
+        row = {"input_ids": input_ids}
+        if actions is not None:
+            action_ids = self.action_token_ids(actions, dataset_name).reshape(-1).tolist()
+            row["labels"] = [IGNORE_INDEX] * len(input_ids) + action_ids
+            row["input_ids"] = input_ids + action_ids
+        row["attention_mask"] = [1] * len(row["input_ids"])
+        return row
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        actions: ArrayLike | Sequence | None = None,
+        dataset_name: str | list[str] | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Process one sample or a batch.
+
+        Args:
+            images: one image or a list (PIL, numpy, torch).
+            text: one instruction or a list, as many as images.
+            actions: raw actions `[batch, action_dim]` (or `[action_dim]` for one sample; `[batch, chunk, action_dim]`
+                for action chunks); normalised with `norm_stats[dataset_name]` when statistics are known.
+            dataset_name: the dataset (key of `norm_stats`) of each sample, or one for all.
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` and, with actions, `labels`.
+        """
+        if images is None or text is None:
+            raise ValueError("OpenVLAProcessor needs both images and text (the instructions).")
+        image_list, instructions = _as_list(images), _as_list(text)
+        if len(image_list) != len(instructions):
+            raise ValueError(
+                f"Got {len(image_list)} images and {len(instructions)} instructions; pass one instruction per image."
+            )
+        names = _as_list(dataset_name) if isinstance(dataset_name, (list, tuple)) else [dataset_name] * len(instructions)
+        if len(names) != len(instructions):
+            raise ValueError(f"Got {len(names)} dataset names for {len(instructions)} samples.")
+        action_rows: list = [None] * len(instructions)
+        if actions is not None:
+            values = _to_numpy(actions).astype(np.float64)
+            if values.ndim == 1 or (values.ndim == 2 and len(instructions) == 1 and values.shape[0] != 1):
+                values = values[None]
+            if values.shape[0] != len(instructions):
+                raise ValueError(
+                    f"Got actions of shape {values.shape} for {len(instructions)} samples; pass one action per sample."
+                )
+            action_rows = list(values)
+        rows = [self.encode_row(t, a, n) for t, a, n in zip(instructions, action_rows, names)]
+        batch = left_pad(rows, self.tokenizer.pad_token_id)
+        pixel_values = self.image_processor(image_list, return_tensors="pt", **kwargs)["pixel_values"]
+        features = BatchFeature({**batch, "pixel_values": pixel_values})
+        if return_tensors is None:
+            return BatchFeature({key: value.tolist() for key, value in features.items()})
+        return features.convert_to_tensors(return_tensors)
+
+    def batch_decode_actions(self, token_ids: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
+        """Action token ids `[..., action_dim]` -> raw actions."""
+        return self.action_tokenizer.decode(token_ids, unnorm_key)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+class OpenVLADataCollator:
+    """Collates rows made by `OpenVLAProcessor.encode_row` plus `pixel_values` `[C, H, W]` into a left-padded batch."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("Cannot collate an empty list of samples.")
+        batch = left_pad(features, self.pad_token_id)
+        batch["pixel_values"] = torch.stack([torch.as_tensor(np.asarray(f["pixel_values"])) for f in features]).float()
+        return batch
+
+
+OpenVLAImageProcessor.register_for_auto_class("AutoImageProcessor")
+OpenVLAProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "ActionTokenizer",
+    "OpenVLADataCollator",
+    "OpenVLAImageProcessor",
+    "OpenVLAProcessor",
+    "compute_action_stats",
+    "detokenize_actions",
+    "normalize_actions",
+    "resolve_unnorm_key",
+    "tokenize_actions",
+    "unnormalize_actions",
+]
