@@ -105,7 +105,7 @@ class OpenVLAConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        self._validate_reference_options()
+        self._validate_reference_options(vision=self.vision_config is None, text=self.text_config is None)
         if self.vision_config is None:
             self.vision_config = self._default_vision_config()
         if self.text_config is None:
@@ -169,17 +169,24 @@ class OpenVLAConfig(PreTrainedConfig):
         self.vocab_size = text.vocab_size
         self.tie_word_embeddings = text.tie_word_embeddings
 
-    def _validate_reference_options(self) -> None:
-        checks = [
-            (self.hidden_dim % self.num_heads == 0, f"hidden_dim={self.hidden_dim} is not divisible by num_heads={self.num_heads}"),
-            (self.num_heads % self.num_kv_heads == 0, f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"),
-            (self.image_size % self.patch_size == 0, f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"),
-            (self.vision_dim % max(self.vision_dim // 64, 4) == 0, f"vision_dim={self.vision_dim} is not divisible by its {max(self.vision_dim // 64, 4)} vision heads (max(vision_dim // 64, 4)); use a multiple of 64"),
-            (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
-        ]
-        for name in ("image_size", "patch_size", "in_channels", "vision_dim", "hidden_dim", "num_layers", "num_heads", "num_kv_heads", "action_dim", "max_text_len", "vocab_size", "action_chunk_size"):
-            value = getattr(self, name)
-            checks.append((isinstance(value, int) and value >= 1, f"{name}={value!r} must be a positive integer"))
+    def _validate_reference_options(self, vision: bool, text: bool) -> None:
+        """Check the reference options that build the vision (`vision`) and text (`text`) sub-configs."""
+        names = ["action_dim", "max_text_len", "action_chunk_size"]
+        names += ["image_size", "patch_size", "in_channels", "vision_dim"] if vision else []
+        names += ["hidden_dim", "num_layers", "num_heads", "num_kv_heads", "vocab_size"] if text else []
+        checks = [(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be a positive integer") for name in names]
+        checks.append((0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"))
+        if vision:
+            vision_heads = max(self.vision_dim // 64, 4)
+            checks += [
+                (self.image_size % self.patch_size == 0, f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"),
+                (self.vision_dim % vision_heads == 0, f"vision_dim={self.vision_dim} is not divisible by its {vision_heads} vision heads (max(vision_dim // 64, 4))"),
+            ]
+        if text:
+            checks += [
+                (self.hidden_dim % self.num_heads == 0, f"hidden_dim={self.hidden_dim} is not divisible by num_heads={self.num_heads}"),
+                (self.num_heads % self.num_kv_heads == 0, f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"Inconsistent OpenVLAConfig: {message}.")
@@ -189,7 +196,7 @@ class OpenVLAConfig(PreTrainedConfig):
             raise ValueError(f"Inconsistent OpenVLAConfig: num_action_bins={self.num_action_bins} must be at least 2.")
         if not self.num_action_bins <= self.action_token_end <= self.vocab_size:
             raise ValueError(
-                f"Inconsistent OpenVLAConfig: the {self.num_action_bins} action tokens end at action_token_end="
+                f"Inconsistent OpenVLAConfig: num_action_bins={self.num_action_bins} action tokens ending at action_token_end="
                 f"{self.action_token_end}, which needs num_action_bins <= action_token_end <= vocab_size="
                 f"{self.vocab_size}. Use a larger vocabulary or fewer bins."
             )

@@ -232,11 +232,12 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         image_mask = input_ids == self.config.image_token_id
         inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         placeholders = image_mask.sum(-1)
+        checkable = input_ids.device.type != "meta"
         if pixel_values is None:
-            if placeholders.any():
+            if checkable and placeholders.any():
                 raise ValueError("input_ids hold image placeholders but no pixel_values were given.")
             return inputs_embeds
-        if not torch.all(placeholders == self.config.num_patches):
+        if checkable and not torch.all(placeholders == self.config.num_patches):
             raise ValueError(
                 f"Each row of input_ids must hold {self.config.num_patches} image placeholders (id "
                 f"{self.config.image_token_id}), got {placeholders.tolist()}; build inputs with OpenVLAProcessor."
@@ -335,15 +336,12 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
-        if attention_mask is None:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            attention_mask = torch.ones(
-                inputs_embeds.shape[0], past_length + inputs_embeds.shape[1], dtype=torch.long, device=inputs_embeds.device
-            )
         parallel = self.config.action_decoding == "parallel"
         if parallel:
+            if attention_mask is None:
+                attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
             inputs_embeds, attention_mask, query_mask = self._parallel_inputs(inputs_embeds, attention_mask, labels)
-        if position_ids is None:
+        if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         decoder_mask = (
             self._parallel_attention_mask(inputs_embeds, attention_mask, position_ids, query_mask) if parallel else attention_mask

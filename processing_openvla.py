@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import BatchFeature
+from transformers import AutoTokenizer, BatchFeature
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
@@ -459,6 +459,13 @@ class OpenVLAProcessor(ProcessorMixin):
         self.norm_stats = dict(norm_stats or {})
         super().__init__(image_processor, tokenizer, **kwargs)
         self._check_action_tokens()
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the image processor with this module's own class (no remote-code lookup) and the tokenizer."""
+        image_processor = OpenVLAImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return [image_processor, tokenizer]
 
     def _check_action_tokens(self) -> None:
         if self.num_action_bins > self.action_token_end:

@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import datasets
 import numpy as np
@@ -79,6 +79,7 @@ DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up",
 REACH_TEMPLATES = ("move to the {object}", "go to the {object}", "reach the {object}")
 PUSH_TEMPLATES = ("push the {object} {direction}", "slide the {object} {direction}")
 
+# policy(images, instructions) -> actions [B, ACTION_DIM]
 Policy = Callable[[list[Image.Image], list[str]], np.ndarray]
 
 
@@ -108,9 +109,8 @@ class Task:
 
 
 def sample_objects(rng: np.random.Generator, num_objects: int) -> list[SceneObject]:
-    """Samples objects with distinct colours at non-overlapping random positions."""
-    if not 1 <= num_objects <= len(COLORS):
-        raise ValueError(f"num_objects must be in [1, {len(COLORS)}], got {num_objects}")
+    """Samples ``num_objects`` (at most ``len(COLORS)``) objects with distinct colours
+    at non-overlapping random positions."""
     colors = rng.choice(list(COLORS), size=num_objects, replace=False)
     positions: list[np.ndarray] = []
     while len(positions) < num_objects:
@@ -119,7 +119,7 @@ def sample_objects(rng: np.random.Generator, num_objects: int) -> list[SceneObje
             positions.append(candidate)
     return [
         SceneObject(str(color), str(rng.choice(SHAPES)), position)
-        for color, position in zip(colors, positions)
+        for color, position in zip(colors, positions, strict=True)
     ]
 
 
@@ -224,6 +224,8 @@ class TabletopEnv:
         success_radius: float = SUCCESS_RADIUS,
         seed: int = 0,
     ) -> None:
+        if not 1 <= num_objects <= len(COLORS):
+            raise ValueError(f"num_objects must be in [1, {len(COLORS)}], got {num_objects}")
         self.image_size = image_size
         self.num_objects = num_objects
         self.max_steps = max_steps
@@ -239,10 +241,12 @@ class TabletopEnv:
 
     @property
     def instruction(self) -> str:
+        """The current episode's instruction."""
         return self._require_task().instruction
 
     @property
     def goal(self) -> np.ndarray:
+        """The point ``[2]`` the gripper must reach in the current episode."""
         return self._require_task().goal
 
     def _require_task(self) -> Task:
@@ -337,9 +341,10 @@ def parse_instruction(instruction: str) -> tuple[str, str | None]:
 
 def expert_policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
     """A scripted policy that sees only what a model sees: it parses the instruction,
-    segments the image by colour and moves toward the goal. Returns ``[B, 7]`` float32."""
+    segments the image by colour and moves toward the goal (closing the gripper on the
+    step that should end within ``SUCCESS_RADIUS`` of it). Returns ``[B, 7]`` float32."""
     actions = []
-    for image, instruction in zip(images, instructions):
+    for image, instruction in zip(images, instructions, strict=True):
         color, direction = parse_instruction(instruction)
         objects = locate_objects(image)
         if color not in objects:
@@ -413,6 +418,7 @@ def generate_demonstrations(
 
 
 def _check_actions(actions: np.ndarray, batch: int) -> np.ndarray:
+    """``actions`` as a float32 array, checked to have shape ``[batch, ACTION_DIM]``."""
     actions = np.asarray(actions, dtype=np.float32)
     if actions.shape != (batch, ACTION_DIM):
         raise ValueError(f"policy must return shape ({batch}, {ACTION_DIM}), got {actions.shape}")
@@ -422,15 +428,16 @@ def _check_actions(actions: np.ndarray, batch: int) -> np.ndarray:
 def _rollout(policy: Policy, envs: list[TabletopEnv], num_recorded: int, bar: tqdm) -> list[list[Image.Image]]:
     """Steps freshly reset ``envs`` in lock-step, calling ``policy`` once per step on
     the unfinished ones, until all are done. Returns the frames of the first
-    ``num_recorded`` envs (first observation to last)."""
+    ``num_recorded`` envs (none if negative), from first observation to last."""
     images = [env.render() for env in envs]
-    frames = [[images[i]] for i in range(num_recorded)]
+    frames = [[images[i]] for i in range(min(num_recorded, len(envs)))]
     active = list(range(len(envs)))
     while active:
-        actions = _check_actions(policy([images[i] for i in active], [envs[i].instruction for i in active]), len(active))
-        for i, action in zip(active, actions):
+        actions = policy([images[i] for i in active], [envs[i].instruction for i in active])
+        actions = _check_actions(actions, len(active))
+        for i, action in zip(active, actions, strict=True):
             images[i], done, _ = envs[i].step(action)
-            if i < num_recorded:
+            if i < len(frames):
                 frames[i].append(images[i])
             if done:
                 bar.update()
@@ -465,10 +472,11 @@ def evaluate_policy(
     frames: list[list[Image.Image]] = []
     with tqdm(total=num_episodes, desc="evaluation", disable=not progress) as bar:
         for start in range(0, num_episodes, batch_size):
-            batch = [TabletopEnv(image_size, num_objects, max_steps) for _ in range(start, min(start + batch_size, num_episodes))]
-            for offset, env in enumerate(batch):
-                env.reset(seed + start + offset)
-            frames += _rollout(policy, batch, max(0, num_recorded - start), bar)
+            seeds = range(seed + start, seed + min(start + batch_size, num_episodes))
+            batch = [TabletopEnv(image_size, num_objects, max_steps) for _ in seeds]
+            for env, episode_seed in zip(batch, seeds, strict=True):
+                env.reset(episode_seed)
+            frames += _rollout(policy, batch, num_recorded - start, bar)
             envs += batch
             bar.set_postfix(success=f"{np.mean([env.success for env in envs]):.2f}")
     successes = [env.success for env in envs]
@@ -510,9 +518,10 @@ def save_episode_strip(
 
 
 def _episode_frames(dataset: datasets.Dataset, num_episodes: int) -> tuple[list[list[Image.Image]], list[str]]:
-    """The images and instructions of the first ``num_episodes`` episodes of a demo dataset."""
-    rows = dataset.filter(lambda episode: episode < num_episodes, input_columns="episode")
-    frames: list[list[Image.Image]] = [[] for _ in range(len(set(rows["episode"])))]
+    """The images and the instructions of the first ``num_episodes`` episodes of a
+    demonstration dataset (whose rows are ordered by episode)."""
+    rows = dataset.select(range(int(np.searchsorted(dataset["episode"], num_episodes))))
+    frames: list[list[Image.Image]] = [[] for _ in set(rows["episode"])]
     captions = [""] * len(frames)
     for row in rows:
         frames[row["episode"]].append(row["image"])
@@ -538,9 +547,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
     dataset.save_to_disk(args.output)
     preview = args.output / "preview.png"
-    save_episode_strip(*_episode_frames(dataset, 4), preview)
+    frames, captions = _episode_frames(dataset, num_episodes=4)
+    save_episode_strip(frames, preview, captions)
 
-    print(f"{args.episodes} episodes, {len(dataset)} steps ({len(dataset) / args.episodes:.1f} per episode) in {elapsed:.1f}s")
+    steps_per_episode = len(dataset) / max(1, args.episodes)
+    print(f"{args.episodes} episodes, {len(dataset)} steps ({steps_per_episode:.1f} per episode) in {elapsed:.1f}s")
     print(f"{len(set(dataset['instruction']))} distinct instructions, e.g. {dataset[0]['instruction']!r}")
     print(f"dataset: {args.output}\npreview: {preview}")
 

@@ -1,0 +1,61 @@
+"""A saved folder loads through the Auto classes in a fresh process, from another directory, offline, bit for bit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from conftest import INSTRUCTIONS, REPO, make_model, random_images
+
+from processing_openvla import compute_action_stats
+
+
+LOAD_AND_PREDICT = """
+import json, sys
+import numpy as np, torch
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+folder, images_file, output_file = sys.argv[1:4]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "OpenVLAConfig"
+assert type(AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)).__name__ == "OpenVLAForActionPrediction"
+assert type(AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "OpenVLAImageProcessor"
+images = [Image.fromarray(array) for array in np.load(images_file)]
+instructions = json.loads(sys.argv[4])
+actions = model.predict_action(**processor(images=images, text=instructions), unnorm_key="robot")
+np.save(output_file, actions.numpy())
+"""
+
+
+def test_auto_classes_load_offline_in_a_fresh_process(tokenizer, processor, tmp_path):
+    stats = {"robot": compute_action_stats(np.random.default_rng(0).normal(3.0, 2.0, (50, 7))), "other": compute_action_stats(np.ones((5, 7)))}
+    model = make_model(tokenizer, norm_stats=stats)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    for name in ("configuration_openvla.py", "modeling_openvla.py", "processing_openvla.py", "model.safetensors"):
+        assert (folder / name).exists(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_openvla.OpenVLAProcessor"
+
+    images = random_images(3, seed=4)
+    np.save(tmp_path / "images.npy", np.stack([np.asarray(image) for image in images]))
+    expected = model.predict_action(**processor(images=images, text=INSTRUCTIONS), unnorm_key="robot")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, str(folder), str(tmp_path / "images.npy"), str(tmp_path / "out.npy"), json.dumps(INSTRUCTIONS)],
+        cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "out.npy")), expected)

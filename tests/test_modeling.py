@@ -1,0 +1,164 @@
+"""OpenVLAForActionPrediction: shapes, loss, image dependence, batching, RoPE switch, errors."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import INSTRUCTIONS, make_model, random_images
+from PIL import Image
+
+from configuration_openvla import OpenVLAConfig
+from modeling_openvla import IdentityRotaryEmbedding, OpenVLAForActionPrediction, vla_loss
+from processing_openvla import IGNORE_INDEX, compute_action_stats
+
+
+ACTIONS = np.random.default_rng(0).uniform(-1, 1, size=(3, 7))
+
+
+def test_forward_shapes_small_config(tokenizer, processor):
+    model = make_model(tokenizer)
+    batch = processor(images=random_images(3), text=INSTRUCTIONS, actions=ACTIONS)
+    output = model(**batch)
+    assert output.logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    assert output.action_logits.shape == (3, 7, 256)
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    assert model.encode_image(batch["pixel_values"]).shape == (3, 16, 64)
+
+
+def test_forward_shapes_reference_config_on_meta_device():
+    config = OpenVLAConfig.recommended_defaults()
+    with torch.device("meta"):
+        model = OpenVLAForActionPrediction(config)
+        input_ids = torch.full((2, 1 + config.num_patches + 12), 5)
+        input_ids[:, 1 : 1 + config.num_patches] = config.image_token_id
+        pixel_values = torch.zeros(2, 3, 224, 224)
+        assert model.encode_image(pixel_values).shape == (2, 256, 384)
+        assert model(input_ids=input_ids, pixel_values=pixel_values).logits.shape == (2, input_ids.shape[1], 32000)
+    assert config.param_count() == sum(p.numel() for p in model.parameters())
+
+
+def test_encode_image_is_second_to_last_layer_patch_tokens(tokenizer, processor):
+    model = make_model(tokenizer)
+    pixel_values = processor.image_processor(random_images(2), return_tensors="pt")["pixel_values"]
+    hidden_states = model.vision_backbone.featurizer(pixel_values, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(model.encode_image(pixel_values), hidden_states[-2][:, 1:])
+
+
+def test_vla_loss_is_mean_cross_entropy():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(4, 7, 256), torch.randint(0, 256, (4, 7))
+    expected = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
+    torch.testing.assert_close(vla_loss(logits, targets), expected)
+    with pytest.raises(ValueError, match="disagree"):
+        vla_loss(logits, targets[:, :6])
+
+
+def test_forward_loss_is_vla_loss_on_the_action_tokens_only(tokenizer, processor):
+    model = make_model(tokenizer)
+    batch = processor(images=random_images(3), text=INSTRUCTIONS, actions=ACTIONS)
+    output = model(**batch)
+    target_bins = model.action_tokenizer.token_ids_to_bins(batch["labels"][:, -7:])
+    torch.testing.assert_close(output.loss, vla_loss(output.action_logits, target_bins))
+    # The action logits are the bin slice of the LM logits at the positions that predict each action token.
+    start, end = model.action_tokenizer.action_token_start, model.action_tokenizer.action_token_end
+    torch.testing.assert_close(output.action_logits, output.logits[:, -8:-1, start:end].flip(-1))
+    # Changing the prompt changes nothing in how the loss is taken: still 7 targets per row, no prompt target.
+    bad = batch["labels"].clone()
+    bad[:, 3] = 5
+    with pytest.raises(ValueError, match="supervise 7 action tokens"):
+        model(**{**batch, "labels": bad})
+    bad = batch["labels"].clone()
+    bad[:, -1] = 5
+    with pytest.raises(ValueError, match="labels must be action tokens"):
+        model(**{**batch, "labels": bad})
+
+
+def test_actions_depend_on_the_image(tokenizer, processor):
+    model = make_model(tokenizer)
+    black, white = Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "white")
+    batch = processor(images=[black, white], text=[INSTRUCTIONS[0]] * 2, actions=np.zeros((2, 7)))
+    action_logits = model(**batch).action_logits
+    assert not torch.allclose(action_logits[0], action_logits[1], atol=1e-4)
+    logits = model.predict_action_logits(**processor(images=[black, white], text=[INSTRUCTIONS[0]] * 2))
+    assert not torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_batched_prediction_equals_single_samples(tokenizer, processor, rope):
+    model = make_model(tokenizer, rope=rope)
+    images = random_images(3, seed=1)
+    batch_logits = model.predict_action_logits(**processor(images=images, text=INSTRUCTIONS))
+    batch_actions = model.predict_action(**processor(images=images, text=INSTRUCTIONS))
+    assert batch_actions.shape == (3, 7) and batch_actions.dtype == torch.float32
+    for index, (image, instruction) in enumerate(zip(images, INSTRUCTIONS)):
+        single = processor(images=image, text=instruction)
+        torch.testing.assert_close(model.predict_action_logits(**single)[0], batch_logits[index], atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.predict_action(**single)[0], batch_actions[index])
+
+
+def test_predicted_actions_are_greedy_bins_decoded(tokenizer, processor):
+    model = make_model(tokenizer)
+    inputs = processor(images=random_images(2), text=INSTRUCTIONS[:2])
+    bins = model.predict_action_logits(**inputs).argmax(-1)
+    expected = -1 + bins.float() / 255 * 2
+    torch.testing.assert_close(model.predict_action(**inputs), expected)
+    generated = model.generate(**inputs, max_new_tokens=7, do_sample=False)
+    assert generated.shape == (2, inputs["input_ids"].shape[1] + 7)
+
+
+def test_rope_false_removes_position_information(tokenizer, processor):
+    batch = processor(images=random_images(2), text=INSTRUCTIONS[:2], actions=ACTIONS[:2])
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    for rope, position_free in [(False, True), (True, False)]:
+        model = make_model(tokenizer, rope=rope)
+        assert isinstance(model.language_model.model.rotary_emb, IdentityRotaryEmbedding) is position_free
+        stretched = model(**batch, position_ids=positions * 3).action_logits  # changes relative distances too
+        assert torch.allclose(model(**batch, position_ids=positions).action_logits, stretched, atol=1e-6) is position_free
+
+
+def test_unnormalisation_and_unnorm_key_errors(tokenizer, processor):
+    rng = np.random.default_rng(0)
+    stats = {name: compute_action_stats(rng.normal(offset, 1.0, (100, 7))) for name, offset in [("a", 10.0), ("b", -10.0)]}
+    inputs = processor(images=random_images(1), text=INSTRUCTIONS[0])
+    normalised = make_model(tokenizer).predict_action(**inputs)
+    assert normalised.abs().max() <= 1
+    one = make_model(tokenizer, norm_stats={"a": stats["a"]})
+    torch.testing.assert_close(one.predict_action(**inputs), one.predict_action(**inputs, unnorm_key="a"))
+    assert one.predict_action(**inputs).mean() > 5
+    several = make_model(tokenizer, norm_stats=stats)
+    assert several.predict_action(**inputs, unnorm_key="b").mean() < -5
+    with pytest.raises(ValueError, match=r"several datasets \['a', 'b'\]"):
+        several.predict_action(**inputs)
+    with pytest.raises(ValueError, match=r"unnorm_key='c' is not in norm_stats; known keys: \['a', 'b'\]"):
+        several.predict_action(**inputs, unnorm_key="c")
+
+
+def test_wrong_pixel_values_raise(tokenizer, processor):
+    model = make_model(tokenizer)
+    inputs = processor(images=random_images(1), text=INSTRUCTIONS[0])
+    with pytest.raises(ValueError, match=r"pixel_values must be \[batch, 3, 56, 56\].*\(1, 3, 112, 112\)"):
+        model(**{**inputs, "pixel_values": torch.zeros(1, 3, 112, 112)})
+    with pytest.raises(ValueError, match=r"\(1, 4, 56, 56\)"):
+        model(**{**inputs, "pixel_values": torch.zeros(1, 4, 56, 56)})
+    with pytest.raises(ValueError, match="image placeholders"):
+        model(input_ids=inputs["input_ids"][:, 3:], pixel_values=inputs["pixel_values"])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, processor):
+    batch = processor(images=random_images(2), text=INSTRUCTIONS[:2], actions=ACTIONS[:2])
+    gradients = []
+    for checkpointing in (False, True):
+        model = make_model(tokenizer).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(**batch).loss.backward()
+        gradients.append(model.projector.fc1.weight.grad.clone())
+    torch.testing.assert_close(gradients[0], gradients[1])
+
+
+def test_loads_in_bfloat16_with_device_map(tokenizer, processor, tmp_path):
+    make_model(tokenizer).save_pretrained(tmp_path)
+    model = OpenVLAForActionPrediction.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto")
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"
+    actions = model.predict_action(**processor(images=random_images(2), text=INSTRUCTIONS[:2]))
+    assert actions.shape == (2, 7) and torch.isfinite(actions).all()

@@ -1,0 +1,293 @@
+"""Tests of the procedural tabletop task: demonstrations, environment, evaluation and ablations."""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import tabletop  # noqa: E402
+from tabletop import (  # noqa: E402
+    ACTION_DIM,
+    COLORS,
+    DIRECTIONS,
+    MAX_STEP,
+    MIN_OBJECT_DISTANCE,
+    PUSH_DISTANCE,
+    TabletopEnv,
+    evaluate_policy,
+    expert_policy,
+    generate_demonstrations,
+    locate_gripper,
+    locate_objects,
+    move_toward,
+    parse_instruction,
+    random_policy,
+    render_scene,
+)
+
+
+@pytest.fixture(scope="module")
+def demos() -> datasets.Dataset:
+    return generate_demonstrations(6, seed=0, progress=False)
+
+
+def image_blind_policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
+    """Reads the instruction (and, generously, the gripper) but not where the objects
+    are: it heads for the table centre, shifted by the push direction."""
+    actions = []
+    for image, instruction in zip(images, instructions, strict=True):
+        _, direction = parse_instruction(instruction)
+        goal = np.array([0.5, 0.5])
+        if direction is not None:
+            goal = goal + PUSH_DISTANCE * np.asarray(DIRECTIONS[direction])
+        actions.append(move_toward(locate_gripper(image), goal))
+    return np.stack(actions)
+
+
+def nearest_object_policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
+    """Ignores the instruction: goes to the visible object nearest the gripper."""
+    actions = []
+    for image in images:
+        gripper = locate_gripper(image)
+        positions = list(locate_objects(image).values())
+        actions.append(move_toward(gripper, min(positions, key=lambda p: np.linalg.norm(p - gripper))))
+    return np.stack(actions)
+
+
+def first_colour_policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
+    """Ignores the instruction: goes to the visible object whose colour comes first in the palette."""
+    actions = []
+    for image in images:
+        objects = locate_objects(image)
+        actions.append(move_toward(locate_gripper(image), objects[next(c for c in COLORS if c in objects)]))
+    return np.stack(actions)
+
+
+# ----------------------------------------------------------------------------------
+# Demonstrations
+
+
+def test_demonstration_columns_and_types(demos):
+    assert demos.column_names == ["image", "instruction", "action", "episode", "step", "dataset_name"]
+    assert isinstance(demos.features["image"], datasets.Image)
+    assert demos.features["action"].feature.dtype == "float32"
+    assert sorted(set(demos["episode"])) == list(range(6))
+    assert set(demos["dataset_name"]) == {"tabletop"}
+    row = demos[0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size == (112, 112) and row["image"].mode == "RGB"
+    assert isinstance(row["instruction"], str) and len(row["action"]) == ACTION_DIM
+
+    episodes = np.array(demos["episode"])
+    steps = np.array(demos["step"])
+    actions = np.array(demos["action"])
+    for episode in range(6):
+        rows = episodes == episode
+        assert list(steps[rows]) == list(range(rows.sum()))  # every step, in order
+        assert len(set(np.array(demos["instruction"])[rows])) == 1
+        assert list(actions[rows, 6]) == [0.0] * (rows.sum() - 1) + [1.0]  # the gripper closes at the goal
+    assert np.all(actions[:, 2:6] == 0)
+    assert np.all(np.linalg.norm(actions[:, :2], axis=1) <= MAX_STEP + 1e-6)
+
+
+def test_demonstrations_are_deterministic(demos):
+    again = generate_demonstrations(6, seed=0, progress=False)
+    other = generate_demonstrations(6, seed=1, progress=False)
+    raw = datasets.Image(decode=False)
+    assert demos.cast_column("image", raw)["image"] == again.cast_column("image", raw)["image"]
+    assert demos["action"] == again["action"] and demos["instruction"] == again["instruction"]
+    assert demos["action"] != other["action"]
+
+
+def test_demonstrations_replay_to_success(demos):
+    env = TabletopEnv()
+    for episode in range(6):
+        actions = [a for a, e in zip(demos["action"], demos["episode"], strict=True) if e == episode]
+        _, instruction = env.reset(seed=episode)
+        assert instruction == demos["instruction"][demos["episode"].index(episode)]
+        for action in actions:
+            env.step(np.array(action))
+        assert env.done and env.success
+
+
+def test_generation_options():
+    demos = generate_demonstrations(2, image_size=64, num_objects=2, dataset_name="mini", progress=False)
+    assert demos[0]["image"].size == (64, 64)
+    assert set(demos["dataset_name"]) == {"mini"}
+
+
+# ----------------------------------------------------------------------------------
+# Environment
+
+
+def test_reset_samples_a_valid_scene():
+    env = TabletopEnv(seed=3)
+    for seed in range(30):
+        image, instruction = env.reset(seed)
+        assert image.size == (112, 112) and instruction == env.instruction
+        colors = [obj.color for obj in env.objects]
+        assert len(set(colors)) == len(colors) == 3
+        positions = [obj.position for obj in env.objects]
+        assert min(np.linalg.norm(p - q) for i, p in enumerate(positions) for q in positions[:i]) >= MIN_OBJECT_DISTANCE
+        target = env.task.target
+        assert target.name in instruction
+        assert parse_instruction(instruction) == (target.color, env.task.direction)
+        direction = env.task.direction
+        offset = np.zeros(2) if direction is None else PUSH_DISTANCE * np.asarray(DIRECTIONS[direction])
+        np.testing.assert_allclose(env.goal, target.position + offset)
+        assert np.all((0 <= env.goal) & (env.goal <= 1))
+        assert np.linalg.norm(env.gripper - env.goal) > env.success_radius
+
+
+def test_reset_is_deterministic():
+    first, second = TabletopEnv(), TabletopEnv(seed=99)
+    image_a, instruction_a = first.reset(seed=7)
+    image_b, instruction_b = second.reset(seed=7)
+    assert instruction_a == instruction_b
+    assert np.array_equal(np.asarray(image_a), np.asarray(image_b))
+    assert np.array_equal(first.gripper, second.gripper)
+    # without a seed, reset continues the generator seeded in the constructor
+    assert TabletopEnv(seed=5).reset()[1] == TabletopEnv(seed=5).reset()[1]
+
+
+def test_image_changes_when_gripper_moves():
+    env = TabletopEnv()
+    before, _ = env.reset(seed=0)
+    after, _, _ = env.step(env.expert_action())
+    assert not np.array_equal(np.asarray(before), np.asarray(after))
+    np.testing.assert_allclose(locate_gripper(after), env.gripper, atol=0.01)
+
+
+def test_image_shows_object_colours():
+    env = TabletopEnv()
+    image, _ = env.reset(seed=1)
+    for obj in env.objects:
+        x, y = (obj.position[0] * 112, (1 - obj.position[1]) * 112)
+        if np.linalg.norm(obj.position - env.gripper) > 0.15:  # not under the gripper marker
+            assert tuple(np.asarray(image)[int(y), int(x)]) == COLORS[obj.color]
+    recoloured = [replace(env.objects[0], color=next(c for c in COLORS if c not in {o.color for o in env.objects}))]
+    recoloured += env.objects[1:]
+    other = render_scene(recoloured, env.gripper)
+    assert not np.array_equal(np.asarray(image), np.asarray(other))
+    assert set(locate_objects(other)) == {obj.color for obj in recoloured}
+
+
+def test_step_moves_at_most_max_step_and_stays_on_table():
+    env = TabletopEnv()
+    env.reset(seed=2)
+    start = env.gripper.copy()
+    env.step(np.array([5.0, 0, 0, 0, 0, 0, 0]))
+    np.testing.assert_allclose(np.linalg.norm(env.gripper - start), min(MAX_STEP, 1 - start[0]), atol=1e-9)
+    for _ in range(15):
+        if not env.done:
+            env.step(np.array([-1.0, -1.0, 0, 0, 0, 0, 0]))
+    assert np.all((0 <= env.gripper) & (env.gripper <= 1))
+
+
+def test_episode_ends_after_max_steps():
+    env = TabletopEnv(max_steps=3)
+    env.reset(seed=0)
+    results = [env.step(np.zeros(ACTION_DIM))[1:] for _ in range(3)]
+    assert results == [(False, False), (False, False), (True, False)]
+
+
+def test_step_after_done_raises():
+    env = TabletopEnv()
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(ACTION_DIM))
+    env.reset(seed=0)
+    while not env.done:
+        env.step(env.expert_action())
+    assert env.success
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(env.expert_action())
+
+
+def test_wrong_action_shape_raises():
+    env = TabletopEnv()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"\(6,\)"):
+        env.step(np.zeros(6))
+    with pytest.raises(ValueError, match=r"\(1, 7\)"):
+        env.step(np.zeros((1, 7)))
+    with pytest.raises(ValueError, match="finite"):
+        env.step(np.full(ACTION_DIM, np.nan))
+
+
+def test_too_many_objects_raises():
+    with pytest.raises(ValueError, match="num_objects"):
+        TabletopEnv(num_objects=len(COLORS) + 1)
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation: the expert solves the task; policies blind to either modality fail
+
+
+def test_expert_policy_solves_task():
+    result = evaluate_policy(expert_policy, 20, progress=False)
+    assert result["success_rate"] == 1.0 and result["successes"] == [True] * 20
+    assert result["num_episodes"] == 20 and 1 < result["mean_steps"] < 15
+
+
+def test_random_policy_fails():
+    result = evaluate_policy(random_policy(seed=0), 50, progress=False)
+    assert result["success_rate"] < 0.3
+
+
+def test_image_blind_policy_fails():
+    assert evaluate_policy(image_blind_policy, 50, progress=False)["success_rate"] < 0.5
+
+
+@pytest.mark.parametrize("policy", [nearest_object_policy, first_colour_policy])
+def test_instruction_blind_policy_fails(policy):
+    assert evaluate_policy(policy, 50, progress=False)["success_rate"] < 0.5
+
+
+def test_batched_evaluation_matches_unbatched():
+    batch_sizes = []
+
+    def recording_policy(images, instructions):
+        batch_sizes.append(len(images))
+        return expert_policy(images, instructions)
+
+    batched = evaluate_policy(recording_policy, 7, batch_size=3, progress=False)
+    assert batch_sizes[0] == 3 and max(batch_sizes) == 3
+    unbatched = evaluate_policy(expert_policy, 7, progress=False)
+    assert batched == unbatched
+
+
+def test_finished_envs_drop_out_of_the_batch():
+    batch_sizes = []
+
+    def recording_policy(images, instructions):
+        batch_sizes.append(len(images))
+        return expert_policy(images, instructions)
+
+    result = evaluate_policy(recording_policy, 8, progress=False)
+    assert batch_sizes[0] == 8 and batch_sizes == sorted(batch_sizes, reverse=True)
+    assert sum(batch_sizes) == result["mean_steps"] * 8
+
+
+def test_policy_with_wrong_output_shape_raises():
+    with pytest.raises(ValueError, match=r"\(4, 7\)"):
+        evaluate_policy(lambda images, instructions: np.zeros((len(images), 6)), 4, progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_strip_is_written(tmp_path, batch_size):
+    path = tmp_path / "strips" / "expert.png"
+    evaluate_policy(expert_policy, 5, batch_size=batch_size, progress=False, strip_path=path, strip_episodes=3)
+    strip = Image.open(path)
+    assert strip.height == 3 * (112 + 14) and strip.width % 112 == 0
+
+
+def test_cli_writes_dataset_and_preview(tmp_path, capsys):
+    tabletop.main(["--episodes", "3", "--output", str(tmp_path / "demos")])
+    assert len(datasets.load_from_disk(str(tmp_path / "demos"))) > 3
+    assert Image.open(tmp_path / "demos" / "preview.png").height == 3 * (112 + 14)
+    assert "3 episodes" in capsys.readouterr().out
