@@ -6,6 +6,10 @@
 backbone (optionally fused with a `SiglipVisionConfig`) and a `LlamaConfig` for the language model. Sub-configs
 passed explicitly win, and the reference options are then read back from them, so any DINOv2 / SigLIP / Llama size
 can be described.
+
+Official OpenVLA checkpoints (`openvla/openvla-7b` and other Prismatic-format folders) are recognised by their
+`config.json` fields (`vision_backbone_id`, `timm_model_ids`, `arch_specifier`, `n_action_bins`, ...) and mapped onto
+the same sub-configs (see `OpenVLAConfig.official_options` and `OpenVLAConfig.openvla_7b`).
 """
 
 from typing import Any, ClassVar
@@ -16,10 +20,87 @@ from transformers.configuration_utils import SubConfigSpec
 
 ACTION_BINNING_SCHEMES = ("reference", "openvla")
 ACTION_DECODING_MODES = ("autoregressive", "parallel")
+VISION_LAYOUTS = ("transformers", "timm")
 AUTO_MAP = {
     "AutoConfig": "configuration_openvla.OpenVLAConfig",
     "AutoModel": "modeling_openvla.OpenVLAForActionPrediction",
     "AutoModelForImageTextToText": "modeling_openvla.OpenVLAForActionPrediction",
+}
+
+# --- Official (Prismatic) OpenVLA checkpoints -------------------------------------------------------------------------
+# `config.json` fields of an official checkpoint that have no counterpart among ours (translated, then dropped).
+# (`test_timm_model_kwargs` is not official: the tiny test checkpoints use it to shrink the timm towers.)
+OFFICIAL_CONFIG_KEYS = (
+    "vision_backbone_id",
+    "llm_backbone_id",
+    "arch_specifier",
+    "use_fused_vision_backbone",
+    "image_resize_strategy",
+    "image_sizes",
+    "timm_model_ids",
+    "timm_override_act_layers",
+    "hf_llm_id",
+    "llm_max_length",
+    "n_action_bins",
+    "pad_to_multiple_of",
+    "pad_token_id",
+    "output_projector_states",
+    "test_timm_model_kwargs",
+)
+# Any of these marks a config as official (the other keys above, e.g. `pad_token_id`, may appear elsewhere too).
+OFFICIAL_CONFIG_MARKERS = ("vision_backbone_id", "timm_model_ids", "arch_specifier", "n_action_bins")
+# timm vision towers of official checkpoints (architecture name without the pretrained tag) -> transformers sub-config.
+# Everything not listed is the timm default: qkv bias, exact GELU, LayerNorm eps 1e-6, no dropout.
+TIMM_VISION_TOWERS = {
+    "vit_large_patch14_reg4_dinov2": {
+        "model_type": "dinov2_with_registers",
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "mlp_ratio": 4,
+        "num_register_tokens": 4,
+        "patch_size": 14,
+    },
+    "vit_so400m_patch14_siglip_224": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "mlp_ratio": 3.7362,
+        "patch_size": 14,
+    },
+    "vit_so400m_patch14_siglip_384": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "mlp_ratio": 3.7362,
+        "patch_size": 14,
+    },
+}
+# timm constructor arguments (as in `timm.create_model(..., **kwargs)`) -> tower description keys.
+_TIMM_KWARGS = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads", "mlp_ratio": "mlp_ratio"}
+# Llama-2's SentencePiece "empty" token: official OpenVLA appends it to every prompt that does not end with it.
+LLAMA_EMPTY_TOKEN = "\u2581"
+# `config.json` of the published `openvla/openvla-7b` (its fields that describe the architecture; the norm_stats of its
+# 25 datasets are in the checkpoint itself).
+OPENVLA_7B_OFFICIAL_CONFIG = {
+    "arch_specifier": "no-align+fused-gelu-mlp",
+    "hf_llm_id": "meta-llama/Llama-2-7b-hf",
+    "image_resize_strategy": "resize-naive",
+    "image_sizes": [224, 224],
+    "llm_backbone_id": "llama2-7b-pure",
+    "llm_max_length": 2048,
+    "n_action_bins": 256,
+    "output_projector_states": False,
+    "pad_to_multiple_of": 64,
+    "pad_token_id": 32000,
+    "text_config": {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16", "vocab_size": 32064},
+    "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+    "timm_override_act_layers": [None, None],
+    "torch_dtype": "bfloat16",
+    "use_fused_vision_backbone": True,
+    "vision_backbone_id": "dinosiglip-vit-so-224px",
 }
 
 
@@ -64,12 +145,20 @@ class OpenVLAConfig(PreTrainedConfig):
         action_decoding (`str`, defaults to `"autoregressive"`): `"autoregressive"` predicts one action token per
             step with a KV cache; `"parallel"` predicts every action token of a chunk in one forward pass.
         action_chunk_size (`int`, defaults to 1): actions predicted per call in parallel decoding.
+        vision_layout (`str`, defaults to `"transformers"`): `"transformers"` uses transformers' vision models as
+            they are; `"timm"` keeps the parameter set of the timm towers of official OpenVLA checkpoints (DINOv2
+            position embeddings for the patches only, no DINOv2 mask token, SigLIP attention-pooling head kept but not
+            run), whose official key names load (and save back) through registered weight conversions.
+        prompt_suffix_token (`str`, *optional*): token the processor appends to a prompt that does not already end
+            with it (official checkpoints: Llama-2's empty token `"\u2581"`); the processor looks its id up in the
+            tokenizer.
         norm_stats (`dict`, *optional*): per-dataset action statistics in the official OpenVLA layout,
             `{dataset: {"action": {"q01": [...], "q99": [...], "mean": [...], "std": [...], "min": [...],
             "max": [...], "mask": [...]}}}`.
     """
 
     model_type = "openvla"
+    keys_to_ignore_at_inference = ["past_key_values", "logits", "hidden_states", "attentions"]
     sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2", optional=True),
         "fused_vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model", optional=True),
@@ -101,10 +190,17 @@ class OpenVLAConfig(PreTrainedConfig):
     action_binning: str = "reference"
     action_decoding: str = "autoregressive"
     action_chunk_size: int = 1
+    vision_layout: str = "transformers"
+    prompt_suffix_token: str | None = None
     norm_stats: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if any(key in kwargs for key in OFFICIAL_CONFIG_MARKERS):
+            official = {key: kwargs.pop(key) for key in OFFICIAL_CONFIG_KEYS if key in kwargs}
+            kwargs.pop("auto_map", None)  # the official one points to the Prismatic remote code
+            for name, value in self.official_options(official, self.text_config, self.norm_stats).items():
+                setattr(self, name, value)
         self._validate_reference_options(vision=self.vision_config is None, text=self.text_config is None)
         if self.vision_config is None:
             self.vision_config = self._default_vision_config()
@@ -206,6 +302,8 @@ class OpenVLAConfig(PreTrainedConfig):
             )
         if self.action_binning not in ACTION_BINNING_SCHEMES:
             raise ValueError(f"action_binning={self.action_binning!r} is not one of {ACTION_BINNING_SCHEMES}.")
+        if self.vision_layout not in VISION_LAYOUTS:
+            raise ValueError(f"vision_layout={self.vision_layout!r} is not one of {VISION_LAYOUTS}.")
         if self.action_decoding not in ACTION_DECODING_MODES:
             raise ValueError(f"action_decoding={self.action_decoding!r} is not one of {ACTION_DECODING_MODES}.")
         if self.action_decoding == "autoregressive" and self.action_chunk_size != 1:
@@ -246,9 +344,10 @@ class OpenVLAConfig(PreTrainedConfig):
 
     def param_count(self) -> int:
         """Exact number of parameters of the model this config builds, computed from the config alone."""
-        vision = _vision_param_count(self.vision_config)
+        timm_layout = self.vision_layout == "timm"
+        vision = _vision_param_count(self.vision_config, timm_layout)
         if self.fused_vision_config is not None:
-            vision += _vision_param_count(self.fused_vision_config)
+            vision += _vision_param_count(self.fused_vision_config, timm_layout)
         projector = _projector_param_count(self.vision_dim, self.hidden_dim, fused=self.fused_vision_config is not None)
         queries = self.action_chunk_size * self.action_dim * self.hidden_dim if self.action_decoding == "parallel" else 0
         return vision + projector + _llama_param_count(self.text_config) + queries
@@ -257,6 +356,77 @@ class OpenVLAConfig(PreTrainedConfig):
     def recommended_defaults(cls, **overrides) -> "OpenVLAConfig":
         """The reference API's recommended configuration (its defaults), with optional overrides."""
         return cls(**overrides)
+
+    @classmethod
+    def openvla_7b(cls, **overrides) -> "OpenVLAConfig":
+        """The published `openvla/openvla-7b`: fused DINOv2 ViT-L/14 (4 registers) + SigLIP so400m/14 at 224 px, fused
+        GELU MLP projector, Llama-2 7B with a 32064-token vocabulary, 256 official bins (7,541,237,184 parameters).
+        `norm_stats` stays empty: the checkpoint carries the statistics of its 25 datasets."""
+        return cls(**{**OPENVLA_7B_OFFICIAL_CONFIG, **overrides})
+
+    @staticmethod
+    def official_options(official: dict[str, Any], text_config: dict | PreTrainedConfig | None, norm_stats: dict | None) -> dict[str, Any]:
+        """Our options for an official OpenVLA (Prismatic) `config.json`.
+
+        Args:
+            official: its fields listed in `OFFICIAL_CONFIG_KEYS` (`timm_model_ids`, `arch_specifier`, ...).
+            text_config: its `text_config` (Llama; every field it leaves out keeps the `LlamaConfig` default, as in
+                the official code, e.g. `rms_norm_eps=1e-6`).
+            norm_stats: its statistics (kept as they are; they give `action_dim`).
+
+        Returns:
+            `vision_config` / `fused_vision_config` (Dinov2WithRegisters / SigLIP vision sub-configs of the timm towers),
+            `vision_layout="timm"`, `rope=True`, `num_action_bins`, `action_binning="openvla"`, `action_token_end`
+            (`text vocab_size - pad_to_multiple_of`: the action tokens sit below the padding rows), `action_dim`,
+            `max_text_len`, `prompt_suffix_token` (Llama-2's empty token) and our `auto_map`.
+        """
+        timm_ids = list(official.get("timm_model_ids") or [])
+        fused = bool(official.get("use_fused_vision_backbone", len(timm_ids) > 1))
+        if not timm_ids or len(timm_ids) != (2 if fused else 1):
+            raise ValueError(
+                f"Official OpenVLA config with use_fused_vision_backbone={fused} needs {2 if fused else 1} timm_model_ids, "
+                f"got {timm_ids}."
+            )
+        count = len(timm_ids)
+        image_sizes = official.get("image_sizes") or [224] * count
+        activations = official.get("timm_override_act_layers") or [None] * count
+        tower_kwargs = official.get("test_timm_model_kwargs") or [{}] * count
+        towers = [
+            _timm_tower_config(*tower)
+            for tower in zip(timm_ids, image_sizes, activations, tower_kwargs, strict=True)
+        ]
+        arch = official.get("arch_specifier", "no-align+gelu-mlp")
+        if not arch.endswith("gelu-mlp") or arch.endswith("fused-gelu-mlp") != fused:
+            raise ValueError(
+                f"arch_specifier={arch!r} with use_fused_vision_backbone={fused} is not supported: the projector is "
+                "'fused-gelu-mlp' for a fused vision backbone and 'gelu-mlp' for a single one."
+            )
+        text = text_config.to_dict() if isinstance(text_config, PreTrainedConfig) else dict(text_config or {})
+        if text.get("model_type", "llama") != "llama":
+            raise ValueError(f"Official OpenVLA checkpoints use a Llama language model, got text_config {text}.")
+        text.setdefault("model_type", "llama")
+        if "pad_token_id" in official:
+            text.setdefault("pad_token_id", official["pad_token_id"])
+        vocab_size = text.get("vocab_size", 32000)
+        stats = norm_stats or {}
+        first = next(iter(stats.values()), None)
+        action_dim = len(first["action"]["q01"]) if first else 7
+        num_patches = (towers[0]["image_size"] // towers[0]["patch_size"]) ** 2
+        return {
+            "vision_config": towers[0],
+            "fused_vision_config": towers[1] if fused else None,
+            "text_config": text,
+            "vision_layout": "timm",
+            "rope": True,
+            "dropout": 0.0,
+            "num_action_bins": official.get("n_action_bins", 256),
+            "action_binning": "openvla",
+            "action_token_end": vocab_size - official.get("pad_to_multiple_of", 0),
+            "action_dim": action_dim,
+            "max_text_len": official.get("llm_max_length", 2048) - 1 - num_patches - action_dim,
+            "prompt_suffix_token": LLAMA_EMPTY_TOKEN,
+            "auto_map": dict(AUTO_MAP),
+        }
 
     @classmethod
     def small_config(cls, **overrides) -> "OpenVLAConfig":
@@ -295,8 +465,41 @@ def _vit_block_param_count(width: int, mlp_width: int, qkv_bias: bool, layer_sca
     return attention + mlp + norms + (2 * width if layer_scale else 0)
 
 
-def _vision_param_count(config: PreTrainedConfig) -> int:
-    """Parameters of a transformers Dinov2, Dinov2WithRegisters or SigLIP vision model built from `config`."""
+def _timm_tower_config(timm_id: str, image_size: int, activation: str | None, timm_kwargs: dict) -> dict[str, Any]:
+    """transformers vision sub-config of an official timm tower (`timm.create_model(timm_id, img_size=image_size,
+    act_layer=activation, **timm_kwargs)`)."""
+    name = timm_id.split(".")[0]
+    if name not in TIMM_VISION_TOWERS:
+        raise NotImplementedError(
+            f"timm vision tower {timm_id!r} is not supported; supported: {sorted(TIMM_VISION_TOWERS)} (the towers of "
+            "the published OpenVLA checkpoints)."
+        )
+    if activation not in (None, "gelu"):
+        raise NotImplementedError(f"timm_override_act_layers={activation!r} is not supported (only the exact GELU).")
+    unknown = set(timm_kwargs) - set(_TIMM_KWARGS)
+    if unknown:
+        raise ValueError(f"timm model kwargs {sorted(unknown)} of {timm_id!r} are not supported; known: {sorted(_TIMM_KWARGS)}.")
+    tower = dict(TIMM_VISION_TOWERS[name])
+    tower.update({_TIMM_KWARGS[key]: value for key, value in timm_kwargs.items()})
+    mlp_ratio = tower.pop("mlp_ratio")
+    config = {
+        "image_size": int(image_size),
+        "num_channels": 3,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        **tower,
+    }
+    if config["model_type"] == "siglip_vision_model":
+        config.update({"intermediate_size": int(config["hidden_size"] * mlp_ratio), "vision_use_head": True, "attention_dropout": 0.0})
+    else:
+        config.update({"mlp_ratio": int(mlp_ratio), "qkv_bias": True, "use_swiglu_ffn": False, "drop_path_rate": 0.0,
+                       "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    return config
+
+
+def _vision_param_count(config: PreTrainedConfig, timm_layout: bool = False) -> int:
+    """Parameters of a transformers Dinov2, Dinov2WithRegisters or SigLIP vision model built from `config` (with
+    `timm_layout`, the DINOv2 model of `vision_layout="timm"`: no mask token, no class-token position embedding)."""
     width = config.hidden_size
     patch = _as_square(config.patch_size, "patch_size")
     grid = (_as_square(config.image_size, "image_size") // patch) ** 2
@@ -306,8 +509,8 @@ def _vision_param_count(config: PreTrainedConfig) -> int:
             raise NotImplementedError("param_count does not cover DINOv2's SwiGLU MLP (use_swiglu_ffn=True).")
         block = _vit_block_param_count(width, int(width * config.mlp_ratio), config.qkv_bias, layer_scale=True)
         tokens = width * (1 + getattr(config, "num_register_tokens", 0))
-        mask_token = width if getattr(config, "use_mask_token", True) else 0
-        positions = (grid + 1) * width
+        mask_token = width if getattr(config, "use_mask_token", True) and not timm_layout else 0
+        positions = (grid + (0 if timm_layout else 1)) * width
         return patch_embedding + tokens + mask_token + positions + config.num_hidden_layers * block + 2 * width
     if config.model_type == "siglip_vision_model":
         block = _vit_block_param_count(width, config.intermediate_size, qkv_bias=True, layer_scale=False)

@@ -19,11 +19,25 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BatchFeature
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 
 DEFAULT_PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
+RESIZE_STRATEGIES = ("resize-naive", "resize-crop", "letterbox")
+# Fields of an official OpenVLA `preprocessor_config.json` (`PrismaticImageProcessor`) that we translate.
+OFFICIAL_IMAGE_PROCESSOR_KEYS = (
+    "means",
+    "stds",
+    "input_sizes",
+    "interpolations",
+    "tvf_crop_params",
+    "tvf_do_letterbox",
+    "tvf_letterbox_fill",
+    "tvf_normalize_params",
+    "tvf_resize_params",
+    "use_fused_vision_backbone",
+)
 IGNORE_INDEX = -100
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -103,6 +117,11 @@ def detokenize_actions(
     Returns:
         float32 actions, same shape and array type as `bins`.
     """
+    return _like(_bin_values(bins, num_bins, action_min, action_max, scheme).astype(np.float32), bins)
+
+
+def _bin_values(bins: ArrayLike, num_bins: int, action_min: float, action_max: float, scheme: str) -> np.ndarray:
+    """`detokenize_actions` in float64 (numpy), before any rounding to float32."""
     _check_range(action_min, action_max)
     indices = _to_numpy(bins)
     if not np.issubdtype(indices.dtype, np.integer):
@@ -119,7 +138,7 @@ def detokenize_actions(
         values = centers[np.minimum(indices, num_bins - 2)]
     else:
         raise ValueError(f"scheme={scheme!r} is not one of ('reference', 'openvla').")
-    return _like(values.astype(np.float32), bins)
+    return np.asarray(values, dtype=np.float64)
 
 
 def compute_action_stats(actions: ArrayLike, mask: Sequence[bool] | None = None) -> dict[str, Any]:
@@ -151,6 +170,32 @@ def compute_action_stats(actions: ArrayLike, mask: Sequence[bool] | None = None)
     action_stats = {name: stat.astype(np.float32).tolist() for name, stat in stats.items()}
     action_stats["mask"] = mask
     return {"action": action_stats, "num_transitions": int(values.shape[0])}
+
+
+def build_action_chunks(actions: np.ndarray, episode_ids: np.ndarray, steps: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Chunk labels for parallel decoding: each row's action and the next `chunk_size - 1` actions of its episode.
+
+    Rows may come in any order; within an episode they are ordered by `steps`. Past the end of an episode the final
+    action repeats (the robot holds its last command), so every row gets a full chunk.
+
+    Args:
+        actions: `[rows, action_dim]`.
+        episode_ids, steps: `[rows]` each.
+
+    Returns:
+        `[rows, chunk_size, action_dim]`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be at least 1.")
+    order = np.lexsort((steps, episode_ids))
+    sorted_episodes = np.asarray(episode_ids)[order]
+    episode_last = np.flatnonzero(np.r_[sorted_episodes[1:] != sorted_episodes[:-1], True])
+    positions = np.arange(len(order))
+    last_of_row = episode_last[np.searchsorted(episode_last, positions)]
+    following = np.minimum(positions[:, None] + np.arange(chunk_size)[None], last_of_row[:, None])
+    chunks = np.empty((len(order), chunk_size, actions.shape[-1]), dtype=actions.dtype)
+    chunks[order] = np.asarray(actions)[order][following]
+    return chunks
 
 
 def _stat_arrays(stats: Mapping[str, Any], action_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -288,10 +333,14 @@ class ActionTokenizer:
         return _like(token_ids, actions)
 
     def bins_to_actions(self, bins: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
-        """Bins `[..., action_dim]` -> raw actions (unnormalised when statistics are known)."""
+        """Bins `[..., action_dim]` -> raw actions (unnormalised when statistics are known), float32.
+
+        Computed in float64 and rounded once at the end, so official checkpoints give the official actions (which are
+        float64) rounded to float32."""
         stats = self.stats_for(unnorm_key)
-        actions = detokenize_actions(bins, **self._bin_options())
-        return actions if stats is None else unnormalize_actions(actions, stats)
+        values = _bin_values(bins, **self._bin_options())
+        actions = values if stats is None else unnormalize_actions(values, stats)
+        return _like(np.asarray(actions, dtype=np.float32), bins)
 
     def decode(self, token_ids: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
         """Action token ids `[..., action_dim]` -> raw actions."""
@@ -304,10 +353,18 @@ class OpenVLAImagesKwargs(ImagesKwargs, total=False):
         Mean of the second normalisation, stacked as channels 3-5 for a fused (DINOv2 + SigLIP) backbone.
     fused_image_std (`list[float]`, *optional*):
         Standard deviation of the second normalisation.
+    image_resize_strategy (`str`, *optional*):
+        `"resize-naive"` (default): resize to `size`, ignoring the aspect ratio; `"resize-crop"`: shorter side to
+        `size`, then a centre crop; `"letterbox"`: pad to a square with `letterbox_fill` first, then as
+        `"resize-crop"` (the strategies of official OpenVLA, computed as torchvision does).
+    letterbox_fill (`list[int]`, *optional*):
+        Per-channel fill (0-255) of the letterbox padding.
     """
 
     fused_image_mean: list[float] | None
     fused_image_std: list[float] | None
+    image_resize_strategy: str | None
+    letterbox_fill: list[int] | None
 
 
 class OpenVLAImageProcessor(PilBackend):
@@ -316,6 +373,10 @@ class OpenVLAImageProcessor(PilBackend):
     Accepts PIL images, numpy `[H, W, C]` / `[C, H, W]` arrays and torch `[C, H, W]` tensors, one or a list. Integer
     images are rescaled by 1/255; floating-point images are taken to be in [0, 1] already. With `fused_image_mean`
     and `fused_image_std`, the image is normalised twice and the results stacked as 6 channels (DINOv2 + SigLIP).
+
+    Loads official OpenVLA `preprocessor_config.json` files too (`PrismaticImageProcessor`: their `tvf_*` resize,
+    crop and normalisation parameters are translated; the bf16-rounded normalisation constants of the published files
+    are used, as the official processor does).
 
     Returns `pixel_values` `[batch, 3 or 6, image_size, image_size]`.
     """
@@ -327,6 +388,8 @@ class OpenVLAImageProcessor(PilBackend):
     image_std = IMAGENET_DEFAULT_STD
     fused_image_mean = None
     fused_image_std = None
+    image_resize_strategy = "resize-naive"
+    letterbox_fill = None
     size = {"height": 224, "width": 224}
     do_resize = True
     do_rescale = True
@@ -334,11 +397,15 @@ class OpenVLAImageProcessor(PilBackend):
     do_convert_rgb = True
 
     def __init__(self, image_size: int | None = None, **kwargs):
+        if any(key in kwargs for key in OFFICIAL_IMAGE_PROCESSOR_KEYS):
+            kwargs = _official_image_processor_kwargs(kwargs)
         if image_size is not None:
             kwargs["size"] = {"height": image_size, "width": image_size}
         super().__init__(**kwargs)
         if (self.fused_image_mean is None) != (self.fused_image_std is None):
             raise ValueError("Pass both fused_image_mean and fused_image_std for a fused backbone, or neither.")
+        if self.image_resize_strategy not in RESIZE_STRATEGIES:
+            raise ValueError(f"image_resize_strategy={self.image_resize_strategy!r} is not one of {RESIZE_STRATEGIES}.")
 
     @property
     def image_size(self) -> int:
@@ -357,13 +424,15 @@ class OpenVLAImageProcessor(PilBackend):
         image_std,
         fused_image_mean=None,
         fused_image_std=None,
+        image_resize_strategy=None,
+        letterbox_fill=None,
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
         pixel_values = []
         for image in images:
             if do_resize:
-                image = self.resize(image=image, size=size, resample=resample)
+                image = self._resize_with_strategy(image, size, resample, image_resize_strategy, letterbox_fill)
             if do_rescale and not np.issubdtype(image.dtype, np.floating):
                 image = self.rescale(image, rescale_factor)
             image = image.astype(np.float32)
@@ -374,6 +443,88 @@ class OpenVLAImageProcessor(PilBackend):
                 image = np.concatenate(normalised, axis=0)
             pixel_values.append(image)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def _resize_with_strategy(self, image: np.ndarray, size, resample, strategy: str | None, fill) -> np.ndarray:
+        """Resize a `[C, H, W]` image with one of `RESIZE_STRATEGIES` (PIL resampling, torchvision's size and crop
+        arithmetic, as the official processor)."""
+        if strategy in (None, "resize-naive"):
+            return self.resize(image=image, size=size, resample=resample)
+        if strategy not in RESIZE_STRATEGIES:
+            raise ValueError(f"image_resize_strategy={strategy!r} is not one of {RESIZE_STRATEGIES}.")
+        if strategy == "letterbox":
+            image = _letterbox(image, fill)
+        height, width = image.shape[-2:]
+        short, long = min(height, width), max(height, width)
+        new_short, new_long = size.height, int(size.height * long / short)
+        new_height, new_width = (new_long, new_short) if width <= height else (new_short, new_long)
+        image = self.resize(image=image, size=SizeDict(height=new_height, width=new_width), resample=resample)
+        top = int(round((new_height - size.height) / 2.0))
+        left = int(round((new_width - size.width) / 2.0))
+        return image[:, top : top + size.height, left : left + size.width]
+
+
+def _letterbox(image: np.ndarray, fill: Sequence[int] | None) -> np.ndarray:
+    """Pad a `[C, H, W]` image to a square (official OpenVLA: `int((side - w) / 2)` on both sides) with `fill`."""
+    height, width = image.shape[-2:]
+    side = max(height, width)
+    pad_width, pad_height = int((side - width) / 2), int((side - height) / 2)
+    fill = [0] * image.shape[0] if fill is None else list(fill)
+    if np.issubdtype(image.dtype, np.floating):
+        fill = [value / 255.0 for value in fill]
+    return np.stack(
+        [
+            np.pad(channel, ((pad_height, pad_height), (pad_width, pad_width)), mode="constant", constant_values=value)
+            for channel, value in zip(image, fill, strict=True)
+        ]
+    )
+
+
+def _official_image_processor_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Our image-processor options for an official OpenVLA `preprocessor_config.json` (`PrismaticImageProcessor`).
+
+    Its serialized `tvf_normalize_params` win over `means`/`stds` (the official processor re-applies them on load; in
+    the published files they are rounded to bfloat16). Tower 0 gives `image_mean`/`image_std`, tower 1 (fused
+    backbone) `fused_image_mean`/`fused_image_std`. All towers must share the resize and crop parameters.
+    """
+    kwargs = dict(kwargs)
+    official = {key: kwargs.pop(key) for key in OFFICIAL_IMAGE_PROCESSOR_KEYS if key in kwargs}
+    for key in ("auto_map", "image_processor_type", "processor_class"):
+        kwargs.pop(key, None)
+    normalize = official.get("tvf_normalize_params") or [
+        {"mean": mean, "std": std} for mean, std in zip(official["means"], official["stds"], strict=True)
+    ]
+    resize = official.get("tvf_resize_params") or [{}]
+    crop_sizes = {tuple(params["output_size"]) for params in official.get("tvf_crop_params") or []}
+    crop_sizes = crop_sizes or {tuple(size[-2:]) for size in official.get("input_sizes") or []}
+    if len(crop_sizes) != 1 or len({tuple(sorted((k, str(v)) for k, v in params.items())) for params in resize}) != 1:
+        raise ValueError(
+            f"The vision towers of this official preprocessor config use different resize or crop parameters "
+            f"({resize}, crop sizes {sorted(crop_sizes)}); only a shared one is supported."
+        )
+    height, width = crop_sizes.pop()
+    if height != width:
+        raise ValueError(f"Official preprocessor config crops to {height}x{width}; only square images are supported.")
+    interpolation = resize[0].get("interpolation", PILImageResampling.BICUBIC)
+    if isinstance(interpolation, str):  # `interpolations`-style names
+        interpolation = PILImageResampling[interpolation.upper()]
+    strategy = kwargs.pop("image_resize_strategy", "resize-naive")
+    if official.get("tvf_do_letterbox"):
+        strategy = "letterbox"
+    kwargs.update(
+        size={"height": height, "width": width},
+        resample=PILImageResampling(interpolation),
+        image_mean=list(normalize[0]["mean"]),
+        image_std=list(normalize[0]["std"]),
+        image_resize_strategy=strategy,
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+    )
+    if len(normalize) > 1:
+        kwargs.update(fused_image_mean=list(normalize[1]["mean"]), fused_image_std=list(normalize[1]["std"]))
+    if strategy == "letterbox":
+        kwargs["letterbox_fill"] = list(official.get("tvf_letterbox_fill") or [0, 0, 0])
+    return kwargs
 
 
 def _as_list(values: Any) -> list:
@@ -461,6 +612,52 @@ class OpenVLAProcessor(ProcessorMixin):
         self._check_action_tokens()
 
     @classmethod
+    def from_model_config(cls, config, image_processor, tokenizer, **overrides) -> "OpenVLAProcessor":
+        """The processor matching an `OpenVLAConfig`: action space, token ids, patch size, prompt length and statistics
+        from the config; `config.prompt_suffix_token` (e.g. official OpenVLA's empty token) is looked up in the
+        tokenizer."""
+        suffix_id = None
+        if getattr(config, "prompt_suffix_token", None) is not None:
+            suffix_id = tokenizer.convert_tokens_to_ids(config.prompt_suffix_token)
+            if suffix_id is None or (suffix_id == tokenizer.unk_token_id and config.prompt_suffix_token != tokenizer.unk_token):
+                raise ValueError(
+                    f"The model appends prompt_suffix_token={config.prompt_suffix_token!r} to prompts, but the tokenizer "
+                    "does not know that token; use the tokenizer saved with the model."
+                )
+        options = {
+            "action_dim": config.action_dim,
+            "num_action_bins": config.num_action_bins,
+            "action_min": config.action_min,
+            "action_max": config.action_max,
+            "action_binning": config.action_binning,
+            "action_token_end": config.action_token_end,
+            "patch_size": config.patch_size,
+            "image_token_id": config.image_token_id,
+            "prompt_suffix_token_id": suffix_id,
+            "max_text_len": config.max_text_len,
+            "norm_stats": config.norm_stats,
+        }
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **{**options, **overrides})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved processor; for a folder without processor settings (an official OpenVLA checkpoint, whose
+        `PrismaticProcessor` keeps them in `config.json`), build it with `from_model_config` from the folder's config,
+        image-processor config and tokenizer."""
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **dict(kwargs))
+        if "num_action_bins" in processor_dict:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        try:
+            from .configuration_openvla import OpenVLAConfig
+        except ImportError:
+            from configuration_openvla import OpenVLAConfig
+        config = OpenVLAConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        image_processor = OpenVLAImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # `config=` keeps AutoTokenizer from reading config.json, whose auto_map names the official remote code
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        return cls.from_model_config(config, image_processor, tokenizer)
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Load the image processor with this module's own class (no remote-code lookup) and the tokenizer."""
         image_processor = OpenVLAImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -536,6 +733,22 @@ class OpenVLAProcessor(ProcessorMixin):
             row["input_ids"] = input_ids + action_ids
         row["attention_mask"] = [1] * len(row["input_ids"])
         return row
+
+    def process_example(
+        self, image, instruction: str, actions: ArrayLike | None = None, dataset_name: str | None = None
+    ) -> dict[str, Any]:
+        """One unpadded training or inference example: `encode_row` plus `pixel_values` `[C, H, W]`.
+
+        Map a `datasets` dataset through this and batch it with `data_collator`.
+        """
+        row = self.encode_row(instruction, actions, dataset_name)
+        row["pixel_values"] = self.image_processor(image)["pixel_values"][0]
+        return row
+
+    @property
+    def data_collator(self) -> "OpenVLADataCollator":
+        """Left-pads examples made by `process_example` into a batch."""
+        return OpenVLADataCollator(self.tokenizer.pad_token_id)
 
     def __call__(
         self,
@@ -615,6 +828,7 @@ OpenVLAProcessor.register_for_auto_class("AutoProcessor")
 __all__ = [
     "ActionTokenizer",
     "OpenVLADataCollator",
+    "build_action_chunks",
     "OpenVLAImageProcessor",
     "OpenVLAProcessor",
     "compute_action_stats",

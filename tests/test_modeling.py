@@ -49,6 +49,8 @@ def test_vla_loss_is_mean_cross_entropy():
     logits, targets = torch.randn(4, 7, 256), torch.randint(0, 256, (4, 7))
     expected = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
     torch.testing.assert_close(vla_loss(logits, targets), expected)
+    # Under gradient accumulation / data parallelism the Trainer passes the global target count.
+    torch.testing.assert_close(vla_loss(logits, targets, num_items_in_batch=56), expected * 28 / 56)
     with pytest.raises(ValueError, match="disagree"):
         vla_loss(logits, targets[:, :6])
 
@@ -162,3 +164,13 @@ def test_loads_in_bfloat16_with_device_map(tokenizer, processor, tmp_path):
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"
     actions = model.predict_action(**processor(images=random_images(2), text=INSTRUCTIONS[:2]))
     assert actions.shape == (2, 7) and torch.isfinite(actions).all()
+
+
+def test_saved_weights_keep_the_module_names(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    model = make_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert set(saved) == set(model.state_dict())
+    assert not model.load_state_dict(saved, strict=False).missing_keys

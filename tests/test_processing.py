@@ -112,12 +112,9 @@ def test_pad_token_is_reused_not_added(tokenizer):
 
 def test_collator_pads_rows_made_one_at_a_time(processor):
     images = random_images(2)
-    rows = []
-    for image, instruction in zip(images, INSTRUCTIONS[:2]):
-        row = processor.encode_row(instruction, np.zeros(7))
-        row["pixel_values"] = processor.image_processor(image)["pixel_values"][0]
-        rows.append(row)
-    collated = OpenVLADataCollator(processor.tokenizer.pad_token_id)(rows)
+    rows = [processor.process_example(image, instruction, np.zeros(7)) for image, instruction in zip(images, INSTRUCTIONS[:2])]
+    collated = processor.data_collator(rows)
+    assert isinstance(processor.data_collator, OpenVLADataCollator)
     direct = processor(images=images, text=INSTRUCTIONS[:2], actions=np.zeros((2, 7)))
     for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
         assert torch.equal(collated[key], direct[key]), key

@@ -1,0 +1,537 @@
+"""Fine-tune (or train from scratch) OpenVLA on robot demonstrations with the `Trainer`, optionally with LoRA.
+
+With no arguments it trains the small reference config from scratch on the built-in tabletop demonstrations,
+evaluates it in closed loop on held-out episodes and writes a Hub-ready folder to `outputs/finetune`:
+
+    python scripts/finetune.py
+    python scripts/finetune.py --model_name_or_path outputs/finetune --use_lora --output_dir outputs/lora
+    accelerate launch --num_processes 2 scripts/finetune.py --dataset_name my_demos --max_steps 2000
+    python scripts/finetune.py --help
+
+A dataset is any `datasets` dataset with an image, an instruction and an action column (`--dataset_name`: a Hub name,
+a `save_to_disk` folder, parquet files or an imagefolder). Action statistics are computed per dataset (see
+`--dataset_name_column`) on the training split and stored in the model's `norm_stats`.
+
+Output: `output_dir/` holds the merged model (LoRA folded in), processor, tokenizer, remote code and a model card;
+`output_dir/adapter/` the PEFT adapter (with `--use_lora`); `output_dir/checkpoints/checkpoint-N/` the Trainer's
+checkpoints (resume with `--resume_from_checkpoint output_dir/checkpoints/checkpoint-N`, or `True` for the latest);
+`output_dir/training_curves.png` the loss and metric curves; `output_dir/eval_results.json` the metrics.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoProcessor,
+    AutoTokenizer,
+    EvalPrediction,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from configuration_openvla import OpenVLAConfig  # noqa: E402
+from evaluate import evaluate_model  # noqa: E402
+from model_card import push_folder, write_model_card  # noqa: E402
+from modeling_openvla import OpenVLAForActionPrediction  # noqa: E402
+from processing_openvla import (  # noqa: E402
+    IGNORE_INDEX,
+    ActionTokenizer,
+    OpenVLAImageProcessor,
+    OpenVLAProcessor,
+    build_action_chunks,
+    compute_action_stats,
+    detokenize_actions,
+)
+
+
+logger = logging.getLogger("finetune")
+BUILTIN_DATASET = "tabletop"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved model folder or Hub id to fine-tune. Without it, --from_scratch is implied."}
+    )
+    from_scratch: bool = field(
+        default=False, metadata={"help": "Train a new model from the reference small config (see --config_overrides)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated reference options for --from_scratch, e.g. 'hidden_dim=128,num_layers=2,rope=true'."},
+    )
+    tokenizer_name_or_path: str = field(
+        default=str(REPO / "assets" / "tokenizer"), metadata={"help": "Tokenizer for --from_scratch (default: the shipped one)."}
+    )
+    action_decoding: str | None = field(
+        default=None, metadata={"help": "'autoregressive' or 'parallel' (from scratch; default autoregressive)."}
+    )
+    action_chunk_size: int | None = field(
+        default=None, metadata={"help": "Actions per prediction in parallel decoding; labels are the next K actions of the episode."}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "'all-linear' or comma-separated module names (q_proj,v_proj,...)."}
+    )
+    lora_modules_to_save: str = field(
+        default="projector", metadata={"help": "Comma-separated modules trained fully next to LoRA ('' for none)."}
+    )
+    freeze_vision_backbone: bool = field(default=False, metadata={"help": "Keep the vision backbone's weights fixed."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub name or local path (save_to_disk folder, parquet file/folder, imagefolder). Default: built-in tabletop demos."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Column with the camera images."})
+    instruction_column: str = field(default="instruction", metadata={"help": "Column with the language instructions."})
+    action_column: str = field(default="action", metadata={"help": "Column with the actions (lists of floats)."})
+    dataset_name_column: str | None = field(
+        default=None, metadata={"help": "Column naming each row's dataset, to mix several; statistics are kept per dataset."}
+    )
+    episode_column: str = field(default="episode", metadata={"help": "Episode id column (for chunk labels and the split)."})
+    eval_split_ratio: float = field(default=0.05, metadata={"help": "Share of episodes (or rows) held out for evaluation."})
+    image_augmentation: bool = field(
+        default=False, metadata={"help": "Random resized crop (scale 0.9-1) and colour jitter on training images."}
+    )
+    num_demo_episodes: int = field(default=400, metadata={"help": "Episodes of built-in tabletop demonstrations."})
+    closed_loop_episodes: int = field(
+        default=100, metadata={"help": "Held-out tabletop episodes run in closed loop after training (0 to skip)."}
+    )
+
+
+@dataclass
+class FinetuneTrainingArguments(TrainingArguments):
+    output_dir: str = field(default=str(REPO / "outputs" / "finetune"), metadata={"help": "Where the final model goes."})
+    max_steps: int = field(default=1500, metadata={"help": "Optimisation steps."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Eval batch size per process."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    logging_steps: int = field(default=25, metadata={"help": "Log every N steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "'steps', 'epoch' or 'no'."})
+    eval_steps: int = field(default=250, metadata={"help": "Evaluate every N steps."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    report_to: str = field(default="none", metadata={"help": "Trackers: 'none', 'tensorboard', 'wandb', ..."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (the transform needs them)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
+    use_cpu: bool = field(
+        default=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        metadata={"help": "Train on the CPU (the default without a GPU; also makes torchrun use gloo data parallelism there)."},
+    )
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory (useful on GPUs)."})
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """'hidden_dim=128,rope=true,dropout=0.0' -> {'hidden_dim': 128, 'rope': True, 'dropout': 0.0}."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"--config_overrides item {item!r} is not name=value.")
+        name, value = (part.strip() for part in item.split("=", 1))
+        overrides[name] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+    return overrides
+
+
+def load_raw_dataset(name: str | None, num_demo_episodes: int, seed: int) -> datasets.Dataset:
+    """The built-in demos, or a dataset from a `save_to_disk` folder, parquet files, an imagefolder or the Hub."""
+    if name is None:
+        from tabletop import generate_demonstrations
+
+        return generate_demonstrations(num_demo_episodes, seed=seed, dataset_name=BUILTIN_DATASET)
+    path = Path(name)
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+    elif path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
+        files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
+        loaded = datasets.load_dataset("parquet", data_files=files)
+    elif path.is_dir():
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+    else:
+        loaded = datasets.load_dataset(name)
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(f"Dataset {name!r} has splits {list(loaded)} but no 'train' split.")
+        loaded = loaded["train"]
+    return loaded
+
+
+def _as_image(value: Any, row: int, column: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+    if isinstance(value, np.ndarray) and value.ndim == 3:
+        return Image.fromarray(value.astype(np.uint8)).convert("RGB")
+    raise ValueError(
+        f"Row {row} of column {column!r} holds {type(value).__name__}, not an image; point --image_column at a column of images."
+    )
+
+
+def validate_dataset(dataset: datasets.Dataset, args: DataArguments) -> np.ndarray:
+    """Check the columns and every action before training starts. Returns the actions `[rows, action_dim]`."""
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty; there is nothing to train on.")
+    required = [args.image_column, args.instruction_column, args.action_column]
+    required += [args.dataset_name_column] if args.dataset_name_column else []
+    missing = [column for column in required if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"The dataset has no column(s) {missing}; its columns are {dataset.column_names}. Set --*_column.")
+    actions = dataset[args.action_column]
+    lengths = {len(action) if hasattr(action, "__len__") else 1 for action in actions}
+    if len(lengths) != 1:
+        raise ValueError(f"Actions have different lengths {sorted(lengths)}; every action must have the same dimension.")
+    actions = np.asarray(actions, dtype=np.float64)
+    bad = np.argwhere(~np.isfinite(actions))
+    if len(bad):
+        raise ValueError(f"Row {bad[0][0]} of column {args.action_column!r} holds NaN or inf ({actions[bad[0][0]].tolist()}); clean the data.")
+    for row in sorted({0, len(dataset) - 1}):
+        _as_image(dataset[row][args.image_column], row, args.image_column)
+    return actions
+
+
+def split_dataset(dataset: datasets.Dataset, args: DataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Hold out `eval_split_ratio` of the episodes (of the rows when there is no episode column)."""
+    if args.eval_split_ratio <= 0:
+        return dataset, None
+    if args.episode_column in dataset.column_names:
+        episodes = np.asarray(dataset[args.episode_column])
+        keys = episodes if args.dataset_name_column is None else np.char.add(np.asarray(dataset[args.dataset_name_column], str), episodes.astype(str))
+        unique = np.unique(keys)
+        rng = np.random.default_rng(seed)
+        held_out = set(rng.choice(unique, size=max(1, int(round(len(unique) * args.eval_split_ratio))), replace=False).tolist())
+        is_eval = np.array([key in held_out for key in keys.tolist()])
+        return dataset.select(np.flatnonzero(~is_eval)), dataset.select(np.flatnonzero(is_eval))
+    split = dataset.train_test_split(test_size=args.eval_split_ratio, seed=seed)
+    return split["train"], split["test"]
+
+
+def dataset_names(dataset: datasets.Dataset, args: DataArguments, default: str) -> list[str]:
+    if args.dataset_name_column:
+        return [str(name) for name in dataset[args.dataset_name_column]]
+    return [default] * len(dataset)
+
+
+def action_labels(dataset: datasets.Dataset, args: DataArguments, chunk_size: int) -> np.ndarray:
+    """Actions `[rows, action_dim]`, or the next `chunk_size` actions of each row's episode `[rows, K, action_dim]`."""
+    actions = np.asarray(dataset[args.action_column], dtype=np.float64)
+    if chunk_size == 1:
+        return actions
+    if args.episode_column not in dataset.column_names:
+        raise ValueError(f"Action chunks need an episode column; --episode_column={args.episode_column!r} is missing.")
+    steps = np.asarray(dataset["step"]) if "step" in dataset.column_names else np.arange(len(dataset))
+    return build_action_chunks(actions, np.asarray(dataset[args.episode_column]), steps, chunk_size)
+
+
+def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """OpenVLA-style augmentation: random resized crop (area 90-100%, square) and brightness/contrast/colour jitter."""
+    width, height = image.size
+    scale = np.sqrt(rng.uniform(0.9, 1.0))
+    crop_w, crop_h = int(round(width * scale)), int(round(height * scale))
+    left, top = rng.integers(0, width - crop_w + 1), rng.integers(0, height - crop_h + 1)
+    image = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BICUBIC)
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.2))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
+    return ImageEnhance.Color(image).enhance(rng.uniform(0.8, 1.2))
+
+
+class ProcessedDemonstrations(torch.utils.data.Dataset):
+    """Rows of a demonstration dataset turned into model inputs by the processor (one unpadded row each).
+
+    Augmentation draws from a generator seeded by `(seed, epoch, row)`, so a run resumed from a checkpoint sees the
+    same augmented images as one that ran straight through (`EpochCallback` keeps `epoch` current).
+    """
+
+    def __init__(self, dataset: datasets.Dataset, labels: np.ndarray, names: list[str], processor: OpenVLAProcessor,
+                 args: DataArguments, augment_seed: int | None = None):
+        self.dataset = dataset
+        self.labels = labels
+        self.names = names
+        self.processor = processor
+        self.args = args
+        self.augment_seed = augment_seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.dataset[int(index)]
+        image = _as_image(row[self.args.image_column], index, self.args.image_column)
+        if self.augment_seed is not None:
+            image = augment(image, np.random.default_rng([self.augment_seed, self.epoch, int(index)]))
+        return self.processor.process_example(image, row[self.args.instruction_column], self.labels[index], self.names[index])
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the training dataset which epoch the `Trainer` is in (for its augmentation seed)."""
+
+    def __init__(self, dataset: ProcessedDemonstrations):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(state.epoch or 0)
+
+
+def build_model_and_processor(model_args: ModelArguments, action_dim: int) -> tuple[OpenVLAForActionPrediction, OpenVLAProcessor]:
+    """Load a saved model and its processor, or build the small reference config (with overrides) from scratch."""
+    if model_args.model_name_or_path and not model_args.from_scratch:
+        model = AutoModel.from_pretrained(model_args.model_name_or_path, trust_remote_code=True, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        for name in ("action_decoding", "action_chunk_size"):
+            requested = getattr(model_args, name)
+            if requested is not None and requested != getattr(model.config, name):
+                raise ValueError(f"--{name} {requested} differs from the loaded model's {getattr(model.config, name)}; it is fixed by the model.")
+        return model, processor
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+    overrides = {"action_dim": action_dim, "vocab_size": len(tokenizer), "dropout": 0.0}
+    if model_args.action_decoding is not None:
+        overrides["action_decoding"] = model_args.action_decoding
+    if model_args.action_chunk_size is not None:
+        overrides["action_chunk_size"] = model_args.action_chunk_size
+    overrides.update(parse_overrides(model_args.config_overrides))
+    config = OpenVLAConfig.small_config(**overrides)
+    image_processor = OpenVLAImageProcessor(image_size=config.image_size)
+    processor = OpenVLAProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        action_dim=config.action_dim,
+        num_action_bins=config.num_action_bins,
+        action_min=config.action_min,
+        action_max=config.action_max,
+        action_binning=config.action_binning,
+        action_token_end=config.action_token_end,
+        patch_size=config.patch_size,
+        image_token_id=config.image_token_id,
+        max_text_len=config.max_text_len,
+    )
+    return OpenVLAForActionPrediction(config), processor
+
+
+def apply_training_mode(model: OpenVLAForActionPrediction, model_args: ModelArguments):
+    """Freeze the vision backbone and/or wrap the model with LoRA adapters."""
+    if model_args.freeze_vision_backbone:
+        model.vision_backbone.requires_grad_(False)
+    if not model_args.use_lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_args.lora_target_modules
+    modules_to_save = [name for name in model_args.lora_modules_to_save.split(",") if name]
+    if model.action_queries is not None:
+        modules_to_save.append("action_queries")
+    lora_config = LoraConfig(
+        r=model_args.lora_rank,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        exclude_modules=r".*vision_backbone.*" if model_args.freeze_vision_backbone else None,
+        modules_to_save=modules_to_save or None,
+    )
+    return get_peft_model(model, lora_config)
+
+
+def make_compute_metrics(processor: OpenVLAProcessor, eval_names: list[str]):
+    """Action-token accuracy and L1 error in normalised and raw action units, from the eval predictions."""
+    tokenizer: ActionTokenizer = processor.action_tokenizer
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        predicted_bins = np.asarray(prediction.predictions)
+        labels = np.asarray(prediction.label_ids)
+        target_bins = tokenizer.token_ids_to_bins(labels[labels != IGNORE_INDEX]).reshape(predicted_bins.shape)
+        options = {"num_bins": tokenizer.num_action_bins, "action_min": tokenizer.action_min, "action_max": tokenizer.action_max, "scheme": tokenizer.scheme}
+        predicted, target = detokenize_actions(predicted_bins, **options), detokenize_actions(target_bins, **options)
+        raw_errors = [
+            np.abs(tokenizer.bins_to_actions(p, name) - tokenizer.bins_to_actions(t, name)).mean()
+            for p, t, name in zip(predicted_bins, target_bins, eval_names[: len(predicted_bins)])
+        ]
+        return {
+            "action_accuracy": float((predicted_bins == target_bins).mean()),
+            "l1_normalized": float(np.abs(predicted - target).mean()),
+            "l1_raw": float(np.mean(raw_errors)),
+        }
+
+    return compute_metrics
+
+
+def predicted_bins(logits, labels) -> torch.Tensor:
+    """Keep only the argmax bins of `action_logits` during evaluation (the full LM logits are not needed)."""
+    action_logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+    return action_logits.argmax(-1)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter, to check that data-parallel processes end with identical weights."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plot_curves(log_history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss, eval loss and action accuracy against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, axis in (("loss", loss_axis), ("eval_loss", loss_axis), ("eval_action_accuracy", metric_axis), ("eval_l1_normalized", metric_axis)):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            axis.plot(*zip(*points), marker=".", label=key)
+    loss_axis.set(xlabel="step", ylabel="loss", yscale="log", title="Loss")
+    metric_axis.set(xlabel="step", title="Eval metrics")
+    for axis in (loss_axis, metric_axis):
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuneTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    set_seed(training_args.seed)
+    started = time.time()
+
+    output_dir = Path(training_args.output_dir)
+    push_to_hub, hub_model_id = training_args.push_to_hub, training_args.hub_model_id
+    if push_to_hub and not hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id <user>/<repo>.")
+    training_args.output_dir = str(output_dir / "checkpoints")
+    training_args.push_to_hub = False
+
+    raw = load_raw_dataset(data_args.dataset_name, data_args.num_demo_episodes, training_args.seed)
+    actions = validate_dataset(raw, data_args)
+    default_name = BUILTIN_DATASET if data_args.dataset_name is None else Path(data_args.dataset_name).name
+    train_raw, eval_raw = split_dataset(raw, data_args, training_args.seed)
+    model, processor = build_model_and_processor(model_args, actions.shape[1])
+    if model.config.action_dim != actions.shape[1]:
+        raise ValueError(f"The actions have {actions.shape[1]} dimensions but the model predicts action_dim={model.config.action_dim}.")
+
+    train_names = dataset_names(train_raw, data_args, default_name)
+    train_actions = np.asarray(train_raw[data_args.action_column], dtype=np.float64)
+    norm_stats = {
+        name: compute_action_stats(train_actions[[n == name for n in train_names]]) for name in sorted(set(train_names))
+    }
+    model.config.norm_stats = {**model.config.norm_stats, **norm_stats}
+    processor.norm_stats = dict(model.config.norm_stats)
+    logger.info("Action statistics for %s from %d training rows.", sorted(norm_stats), len(train_raw))
+
+    chunk_size = model.config.action_chunk_size
+    augment_seed = training_args.seed if data_args.image_augmentation else None
+    train_dataset = ProcessedDemonstrations(train_raw, action_labels(train_raw, data_args, chunk_size), train_names, processor, data_args, augment_seed)
+    eval_dataset = eval_names = None
+    if eval_raw is not None and len(eval_raw):
+        eval_names = dataset_names(eval_raw, data_args, default_name)
+        eval_dataset = ProcessedDemonstrations(eval_raw, action_labels(eval_raw, data_args, chunk_size), eval_names, processor, data_args)
+    else:
+        training_args.eval_strategy = "no"
+
+    model = apply_training_mode(model, model_args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Trainable parameters: %s of %s (%.2f%%).", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=processor.data_collator,
+        compute_metrics=make_compute_metrics(processor, eval_names) if eval_dataset is not None else None,
+        preprocess_logits_for_metrics=predicted_bins,
+        callbacks=[EpochCallback(train_dataset)],
+    )
+    train_result = trainer.train(resume_from_checkpoint=_resume_argument(training_args.resume_from_checkpoint))
+    metrics = {"train_loss": train_result.training_loss, "train_steps": trainer.state.global_step}
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    final_model = trainer.model
+    print(f"rank {training_args.process_index} weights sha256: {weights_fingerprint(final_model)}", flush=True)
+
+    if trainer.is_world_process_zero():
+        merged = save_outputs(final_model, processor, output_dir, model_args)
+        metrics["train_minutes"] = (time.time() - started) / 60
+        if data_args.dataset_name is None and data_args.closed_loop_episodes > 0:
+            closed_loop = evaluate_model(
+                merged, processor, num_episodes=data_args.closed_loop_episodes, strip_path=output_dir / "closed_loop_episodes.png"
+            )
+            metrics["closed_loop_success_rate"] = closed_loop["success_rate"]
+            print(f"Closed-loop success on {closed_loop['num_episodes']} held-out episodes: {closed_loop['success_rate']:.1%}")
+        plot_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        write_model_card(
+            output_dir, merged.config, metrics=metrics, base_model=model_args.model_name_or_path,
+            datasets=[data_args.dataset_name] if data_args.dataset_name else [], training=_training_summary(model_args, data_args, training_args),
+        )
+        if push_to_hub:
+            push_folder(output_dir, hub_model_id, token=training_args.hub_token, private=bool(training_args.hub_private_repo))
+        print(json.dumps(metrics, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _resume_argument(value: str | None) -> str | bool | None:
+    if value in (None, "", "False", "false"):
+        return None
+    return True if value in ("True", "true") else value
+
+
+def save_outputs(model, processor: OpenVLAProcessor, output_dir: Path, model_args: ModelArguments) -> OpenVLAForActionPrediction:
+    """Write the adapter (LoRA runs) to `output_dir/adapter`, then the merged model, processor and remote code."""
+    if model_args.use_lora:
+        model.save_pretrained(output_dir / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return model.eval()
+
+
+def _training_summary(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> str:
+    mode = f"LoRA (r={model_args.lora_rank}, alpha={model_args.lora_alpha}, targets={model_args.lora_target_modules})" if model_args.use_lora else "full fine-tuning"
+    source = "from scratch" if not model_args.model_name_or_path or model_args.from_scratch else f"from `{model_args.model_name_or_path}`"
+    data = data_args.dataset_name or f"{data_args.num_demo_episodes} built-in tabletop demonstration episodes"
+    return (
+        f"Trained {source} with `scripts/finetune.py` ({mode}{', vision backbone frozen' if model_args.freeze_vision_backbone else ''}) "
+        f"on {data} for {training_args.max_steps} steps, batch {training_args.per_device_train_batch_size} per process x "
+        f"{training_args.world_size} process(es), learning rate {training_args.learning_rate} ({training_args.lr_scheduler_type}), "
+        f"seed {training_args.seed}{', with image augmentation' if data_args.image_augmentation else ''}."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""scripts/finetune.py: the Trainer run end to end, LoRA, resume, data parallelism, statistics and bad data."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY, make_model, make_processor, random_images
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+import finetune
+from tabletop import generate_demonstrations
+
+
+TINY_OVERRIDES = ",".join(f"{name}={value}" for name, value in TINY.items() if name != "image_size")
+QUICK = ["--num_demo_episodes", "12", "--per_device_train_batch_size", "8", "--logging_steps", "2", "--config_overrides", TINY_OVERRIDES]
+ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_finetune(*arguments: str, launcher: list[str] | None = None, cwd=REPO) -> subprocess.CompletedProcess:
+    command = (launcher or [sys.executable]) + [str(REPO / "scripts" / "finetune.py"), *arguments]
+    result = subprocess.run(command, cwd=cwd, env=ENVIRONMENT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained from scratch by the CLI, evaluated and saved as a Hub-ready folder."""
+    output = tmp_path_factory.mktemp("runs") / "full"
+    run_finetune("--output_dir", str(output), "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4", "--closed_loop_episodes", "2", "--eval_split_ratio", "0.25", *QUICK)
+    return output
+
+
+def test_cli_writes_a_hub_ready_folder(trained):
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md",
+                 "configuration_openvla.py", "modeling_openvla.py", "processing_openvla.py", "training_curves.png", "eval_results.json"):
+        assert (trained / name).exists(), name
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    config = json.loads((trained / "config.json").read_text())
+    assert "AutoModel" in config["auto_map"] and list(config["norm_stats"]) == ["tabletop"]
+    stats = config["norm_stats"]["tabletop"]["action"]
+    assert set(stats) == {"mean", "std", "min", "max", "q01", "q99", "mask"} and len(stats["q01"]) == 7
+    metrics = json.loads((trained / "eval_results.json").read_text())
+    assert {"eval_loss", "eval_action_accuracy", "eval_l1_normalized", "eval_l1_raw", "closed_loop_success_rate"} <= set(metrics)
+    assert metrics["train_steps"] == 8 and 0.0 <= metrics["eval_action_accuracy"] <= 1.0
+
+
+def test_model_card_parses_with_its_metadata(trained):
+    card = ModelCard.load(trained / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "robotics"
+    assert "openvla" in card.data.tags and card.data.license == "mit"
+    assert card.data.unnorm_keys == ["tabletop"] and "eval_action_accuracy" in card.data.metrics_summary
+    assert "predict_action" in card.text and "AutoModel.from_pretrained" in card.text
+
+
+LOAD_AND_PREDICT = """
+import sys
+from transformers import AutoModel, AutoProcessor
+sys.path.insert(0, sys.argv[2])
+from tabletop import TabletopEnv
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+image, instruction = TabletopEnv(seed=3).reset()
+action = model.predict_action(**processor(images=image, text=instruction))
+assert action.shape == (1, 7), action.shape
+print("ACTION", action.tolist())
+"""
+
+
+def test_output_loads_offline_in_a_fresh_process(trained, tmp_path):
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(trained), str(REPO / "scripts")], cwd=tmp_path,
+                            env={**ENVIRONMENT, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ACTION" in result.stdout
+
+
+def test_lora_on_top_merges_exactly_and_the_adapter_reloads(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel, AutoProcessor
+
+    lora = tmp_path / "lora"
+    run_finetune("--model_name_or_path", str(trained), "--use_lora", "--lora_rank", "4", "--max_steps", "4", "--learning_rate", "0.01",
+                 "--eval_strategy", "no", "--closed_loop_episodes", "0", "--output_dir", str(lora), *QUICK[:6])
+    assert (lora / "adapter" / "adapter_config.json").exists() and (lora / "adapter" / "adapter_model.safetensors").exists()
+    processor = AutoProcessor.from_pretrained(lora, trust_remote_code=True)
+    batch = processor(images=random_images(2), text=["go to the red block", "push the blue ball up"])
+    merged = AutoModel.from_pretrained(lora, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(trained, trust_remote_code=True).eval()
+    with torch.no_grad():
+        base_logits = base(**batch).logits
+        unmerged = PeftModel.from_pretrained(base, lora / "adapter").eval()
+        merged_logits = merged(**batch).logits
+        torch.testing.assert_close(unmerged(**batch).logits, merged_logits, atol=1e-4, rtol=0)
+        assert not torch.allclose(base_logits, merged_logits, atol=1e-4)
+    # Same greedy bins; the actions themselves also depend on norm_stats, which the adapter does not carry.
+    assert torch.equal(unmerged.predict_action_logits(**batch).argmax(-1), merged.predict_action_logits(**batch).argmax(-1))
+
+
+def test_lora_trains_only_adapters_and_lowers_the_loss(tokenizer):
+    torch.manual_seed(0)
+    model = finetune.apply_training_mode(make_model(tokenizer), finetune.ModelArguments(use_lora=True, lora_rank=8, lora_alpha=16))
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_" in name or "modules_to_save" in name for name in trainable)
+    assert any("projector" in name and "modules_to_save" in name for name in trainable)
+    assert any("vision_backbone" in name for name in trainable) and any("language_model" in name for name in trainable)
+    processor = make_processor(tokenizer)
+    actions = np.tile(np.random.default_rng(0).uniform(-1, 1, (1, 7)), (4, 1))
+    batch = processor(images=random_images(4), text=["go to the red block"] * 4, actions=actions)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(40):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    # The random tiny model's lm_head is not adapted (PEFT's all-linear leaves the output layer out), which bounds how
+    # confident it can get; the drop still shows the adapters learn.
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_frozen_vision_backbone_stays_fixed(tokenizer):
+    model = finetune.apply_training_mode(make_model(tokenizer), finetune.ModelArguments(freeze_vision_backbone=True))
+    assert not any(p.requires_grad for p in model.vision_backbone.parameters())
+    assert all(p.requires_grad for p in model.language_model.parameters())
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    options = ["--max_steps", "6", "--save_steps", "3", "--eval_strategy", "no", "--closed_loop_episodes", "0", "--image_augmentation", *QUICK]
+    straight = tmp_path / "straight"
+    run_finetune("--output_dir", str(straight), *options)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    result = run_finetune("--output_dir", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoints" / "checkpoint-3"), *options)
+    assert "'train_steps': 6" in result.stdout.replace('"', "'")
+    expected, actual = _weights(straight), _weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+@pytest.mark.parametrize("launcher", [["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"], ["-m", "torch.distributed.run", "--nproc_per_node", "2"]], ids=["accelerate", "torchrun"])
+def test_two_processes_end_with_identical_weights(tmp_path, launcher):
+    output = tmp_path / "ddp"
+    result = run_finetune("--output_dir", str(output), "--max_steps", "3", "--save_steps", "3", "--eval_strategy", "no",
+                          "--closed_loop_episodes", "0", *QUICK, launcher=[sys.executable, *launcher])
+    fingerprints = dict(re.findall(r"rank (\d) weights sha256: (\w+)", result.stdout))
+    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
+    assert (output / "model.safetensors").exists() and "world_size': 2" not in result.stdout
+    assert "2 process(es)" in (output / "README.md").read_text()
+
+
+def _demo_dataset(tmp_path, name: str, transform=None) -> str:
+    dataset = generate_demonstrations(3, progress=False)
+    if transform is not None:
+        dataset = transform(dataset)
+    path = tmp_path / name
+    dataset.save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "name, transform, message",
+    [
+        ("missing", lambda d: d.remove_columns("instruction"), r"no column\(s\) \['instruction'\]"),
+        ("short", lambda d: d.map(lambda row, i: {"action": row["action"][:6] if i == 1 else row["action"]}, with_indices=True, features=datasets.Features({**d.features, "action": datasets.Sequence(datasets.Value("float32"))})), r"different lengths \[6, 7\]"),
+        ("nan", lambda d: d.map(lambda row, i: {"action": [float("nan")] * 7 if i == 2 else row["action"]}, with_indices=True), "Row 2 of column 'action' holds NaN"),
+        ("not-image", lambda d: d.remove_columns("image").add_column("image", ["a string"] * len(d)), "holds str, not an image"),
+        ("empty", lambda d: d.filter(lambda row: False), "The dataset is empty"),
+    ],
+)
+def test_bad_data_fails_before_training(tmp_path, name, transform, message):
+    path = _demo_dataset(tmp_path, name, transform)
+    with pytest.raises(ValueError, match=message):
+        finetune.main(["--dataset_name", path, "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_mixed_datasets_get_their_own_statistics(tmp_path):
+    first = generate_demonstrations(4, progress=False)
+    second = generate_demonstrations(4, seed=100, progress=False, dataset_name="scaled")
+    second = second.map(lambda row: {"action": [value * 10 for value in row["action"]]})
+    path = tmp_path / "mixed"
+    datasets.concatenate_datasets([first, second]).save_to_disk(str(path))
+    output = tmp_path / "out"
+    finetune.main(["--dataset_name", str(path), "--dataset_name_column", "dataset_name", "--output_dir", str(output), "--max_steps", "2",
+                   "--eval_split_ratio", "0.25", "--eval_steps", "2", *QUICK[2:]])
+    config = json.loads((output / "config.json").read_text())
+    stats = config["norm_stats"]
+    assert sorted(stats) == ["scaled", "tabletop"]
+    assert max(stats["scaled"]["action"]["max"]) == pytest.approx(10 * max(stats["tabletop"]["action"]["max"]), rel=0.5)
+
+
+def test_chunk_labels_repeat_the_final_action():
+    from processing_openvla import build_action_chunks
+
+    actions = np.arange(10, dtype=float).reshape(5, 2)
+    chunks = build_action_chunks(actions, np.array([1, 1, 0, 1, 0]), np.array([1, 0, 0, 2, 1]), 3)
+    # Episode 1 is rows 1, 0, 3 by step; episode 0 is rows 2, 4.
+    np.testing.assert_array_equal(chunks[1], actions[[1, 0, 3]])
+    np.testing.assert_array_equal(chunks[0], actions[[0, 3, 3]])
+    np.testing.assert_array_equal(chunks[2], actions[[2, 4, 4]])
+    np.testing.assert_array_equal(chunks[4], actions[[4, 4, 4]])
+
+
+def test_readme_trainer_snippet_runs_as_written(trained, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    snippet = re.search(r"<!-- trainer-snippet -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "outputs").mkdir()
+    os.symlink(trained, tmp_path / "outputs" / "finetune")
+    generate_demonstrations(3, progress=False).save_to_disk(str(tmp_path / "my_demos"))
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env={**ENVIRONMENT, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "outputs" / "my_run").exists()
