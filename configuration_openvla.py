@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-
 ACTION_BINNING_SCHEMES = ("reference", "openvla")
 ACTION_DECODING_MODES = ("autoregressive", "parallel")
 VISION_LAYOUTS = ("transformers", "timm")

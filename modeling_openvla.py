@@ -5,20 +5,42 @@ pixel_values [B, C, H, W] -> vision backbone -> patch features [B, P, vision_dim
 input_ids [B, T] = [BOS | image placeholders | prompt | action tokens] -> embeddings, placeholders <- patches
 -> Llama decoder -> action_logits [B, action_dim, num_action_bins] -> argmax -> bins -> continuous actions
 ```
+
+Official OpenVLA checkpoints (timm vision towers) load directly: with `config.vision_layout == "timm"` the towers are
+`OpenVLATimmDinov2Model` / `OpenVLATimmSiglipVisionModel`, whose official timm key names are renamed (and q/k/v split)
+on load by the weight conversions registered below with `register_checkpoint_conversion_mapping`.
 """
 
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationConfig, GenerationMixin, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModel,
+    GenerationConfig,
+    GenerationMixin,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    SiglipVisionModel,
+)
+from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Chunk, ConversionOps, WeightConverter, WeightRenaming
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersEncoder,
+    Dinov2WithRegistersModel,
+    Dinov2WithRegistersPatchEmbeddings,
+    Dinov2WithRegistersPreTrainedModel,
+)
 from transformers.utils import ModelOutput
-
 
 try:
     from .configuration_openvla import OpenVLAConfig
@@ -28,12 +50,16 @@ except ImportError:
     from processing_openvla import IGNORE_INDEX, ActionTokenizer
 
 
-def vla_loss(action_logits: torch.Tensor, target_bins: torch.Tensor) -> torch.Tensor:
+def vla_loss(
+    action_logits: torch.Tensor, target_bins: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean cross-entropy over every action dimension (the reference API's `vla_loss`).
 
     Args:
         action_logits: `[batch, ..., num_action_bins]`, e.g. `[batch, action_dim, num_action_bins]`.
         target_bins: `[batch, ...]` integer bins, e.g. `[batch, action_dim]`.
+        num_items_in_batch: if given (the `Trainer` passes it under gradient accumulation or data parallelism), the
+            summed cross-entropy is divided by this count of targets instead of averaged over this batch's.
 
     Returns:
         Scalar loss.
@@ -44,7 +70,10 @@ def vla_loss(action_logits: torch.Tensor, target_bins: torch.Tensor) -> torch.Te
             "expected logits [batch, action_dim, num_action_bins] and targets [batch, action_dim]."
         )
     num_bins = action_logits.shape[-1]
-    return F.cross_entropy(action_logits.reshape(-1, num_bins).float(), target_bins.reshape(-1).long())
+    flat_logits, flat_targets = action_logits.reshape(-1, num_bins).float(), target_bins.reshape(-1).long()
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_targets)
+    return F.cross_entropy(flat_logits, flat_targets, reduction="sum") / num_items_in_batch
 
 
 @dataclass
@@ -81,6 +110,227 @@ class IdentityRotaryEmbedding(nn.Module):
         return ones, torch.zeros_like(ones)
 
 
+class OpenVLATimmDinov2Embeddings(nn.Module):
+    """Embeddings with the parameters of timm's DINOv2 ViT (`no_embed_class=True`): class token, register tokens and
+    position embeddings for the patches only (the class token has none), no mask token. Output
+    `[cls, registers, patches + positions]`, exactly as timm computes it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.patch_embeddings = Dinov2WithRegistersPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, self.patch_embeddings.num_patches, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if bool_masked_pos is not None:
+            raise ValueError("The timm-layout DINOv2 has no mask token; bool_masked_pos is not supported.")
+        patches = self.patch_embeddings(pixel_values)
+        if patches.shape[1] != self.position_embeddings.shape[1]:
+            raise ValueError(
+                f"Got {patches.shape[1]} patches but the position embeddings cover {self.position_embeddings.shape[1]}; "
+                "resize images to the model's image_size."
+            )
+        batch_size = patches.shape[0]
+        embeddings = torch.cat(
+            [
+                self.cls_token.expand(batch_size, -1, -1),
+                self.register_tokens.expand(batch_size, -1, -1),
+                patches + self.position_embeddings,
+            ],
+            dim=1,
+        )
+        return self.dropout(embeddings)
+
+
+class OpenVLATimmDinov2Model(Dinov2WithRegistersPreTrainedModel):
+    """`Dinov2WithRegistersModel` with the parameter set of official OpenVLA's timm tower
+    (`vit_large_patch14_reg4_dinov2`); see `OpenVLATimmDinov2Embeddings`. Encoder and final norm are transformers'."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = OpenVLATimmDinov2Embeddings(config)
+        self.encoder = Dinov2WithRegistersEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    forward = Dinov2WithRegistersModel.forward
+
+    @torch.no_grad()
+    def _init_weights(self, module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, OpenVLATimmDinov2Embeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.register_tokens)
+
+
+class OpenVLATimmSiglipVisionModel(SiglipVisionModel):
+    """`SiglipVisionModel` of official OpenVLA's timm tower (`vit_so400m_patch14_siglip_224`): the attention-pooling
+    head keeps its parameters (they are in the checkpoint) but is never run, as in the official code."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.use_head = False
+
+
+class SqueezeLeadingDim(ConversionOps):
+    """`[1, *shape]` -> `shape`: timm stores SigLIP's position embeddings as `[1, P, D]`, `nn.Embedding` as `[P, D]`."""
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        tensor = next(iter(input_dict.values()))
+        tensor = tensor[0] if isinstance(tensor, list) else tensor
+        return {target_patterns[0]: tensor.squeeze(0).contiguous()}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return UnsqueezeLeadingDim()
+
+
+class UnsqueezeLeadingDim(ConversionOps):
+    """`shape` -> `[1, *shape]` (the reverse of `SqueezeLeadingDim`)."""
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        tensor = next(iter(input_dict.values()))
+        tensor = tensor[0] if isinstance(tensor, list) else tensor
+        return {target_patterns[0]: tensor.unsqueeze(0).contiguous()}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return SqueezeLeadingDim()
+
+
+class ConcatenateParts(ConversionOps):
+    """Concatenates the source tensors (in source-pattern order) along `dim`; the reverse splits by the relative sizes
+    `parts` (timm's attention-pool `q` [D] and `kv` [2D] <-> `nn.MultiheadAttention.in_proj` [3D]: parts (1, 2))."""
+
+    def __init__(self, dim: int = 0, parts: tuple[int, ...] = (1, 2)):
+        self.dim = dim
+        self.parts = tuple(parts)
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        tensors = []
+        for pattern in source_patterns:
+            if pattern in input_dict:
+                value = input_dict.pop(pattern)
+                tensors.extend(value if isinstance(value, list) else [value])
+        return {target_patterns[0]: torch.cat(tensors, dim=self.dim)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return SplitParts(self.dim, self.parts)
+
+
+class SplitParts(ConversionOps):
+    """Splits one tensor along `dim` into pieces of relative sizes `parts`, one per target (reverse of
+    `ConcatenateParts`)."""
+
+    def __init__(self, dim: int = 0, parts: tuple[int, ...] = (1, 2)):
+        self.dim = dim
+        self.parts = tuple(parts)
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        tensor = next(iter(input_dict.values()))
+        tensor = tensor[0] if isinstance(tensor, list) else tensor
+        unit = tensor.shape[self.dim] // sum(self.parts)
+        pieces = torch.split(tensor, [unit * part for part in self.parts], dim=self.dim)
+        return {target: piece.contiguous() for target, piece in zip(target_patterns, pieces, strict=True)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return ConcatenateParts(self.dim, self.parts)
+
+
+def _split_qkv(attention: str) -> list[WeightConverter]:
+    """timm's fused `attn.qkv` (rows q; k; v), already renamed to `{attention}.qkv`, -> `{attention}.{q,k,v}_proj`.
+    (Converters are looked up by source pattern, so each tower's must differ: hence the renaming first.)"""
+    return [
+        WeightConverter(
+            source_patterns=rf"\.{attention}\.qkv\.{kind}",
+            target_patterns=[f".{attention}.{name}_proj.{kind}" for name in ("q", "k", "v")],
+            operations=[Chunk(dim=0)],
+        )
+        for kind in ("weight", "bias")
+    ]
+
+
+def timm_dinov2_conversions() -> list[WeightRenaming | WeightConverter]:
+    """Official timm DINOv2 keys (`vision_backbone.featurizer.*`) -> `OpenVLATimmDinov2Model`. Rules, in order:
+    `cls_token` -> `embeddings.cls_token`, `reg_token` -> `embeddings.register_tokens`, `pos_embed` -> `embeddings.position_embeddings`,
+    `patch_embed.proj` -> `embeddings.patch_embeddings.projection`, `blocks.N` -> `encoder.layer.N`, `attn` ->
+    `attention`, `attention.proj` -> `attention.o_proj`, `ls1/ls2.scale_factor` -> `layer_scale1/layer_scale2.lambda1`,
+    `norm` -> `layernorm`, and the converters `attention.qkv.weight/bias` -> `attention.{q,k,v}_proj.weight/bias`
+    (`Chunk(dim=0)`)."""
+    return [
+        WeightRenaming(r"^cls_token", "embeddings.cls_token"),
+        WeightRenaming(r"^reg_token", "embeddings.register_tokens"),
+        WeightRenaming(r"^pos_embed", "embeddings.position_embeddings"),
+        WeightRenaming(r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+        WeightRenaming(r"^blocks\.(\d+)\.", r"encoder.layer.\1."),
+        WeightRenaming(r"\.attn\.", ".attention."),
+        WeightRenaming(r"\.attention\.proj\.", ".attention.o_proj."),
+        WeightRenaming(r"\.ls1\.scale_factor", ".layer_scale1.lambda1"),
+        WeightRenaming(r"\.ls2\.scale_factor", ".layer_scale2.lambda1"),
+        WeightRenaming(r"^norm\.", "layernorm."),
+        *_split_qkv("attention"),
+    ]
+
+
+def timm_siglip_conversions() -> list[WeightRenaming | WeightConverter]:
+    """Official timm SigLIP keys (`vision_backbone.fused_featurizer.*`) -> `OpenVLATimmSiglipVisionModel`. Rules, in
+    order: `patch_embed.proj` -> `embeddings.patch_embedding`, `blocks.N` -> `encoder.layers.N`, `norm1/norm2` ->
+    `layer_norm1/layer_norm2`, `attn` -> `self_attn`, `self_attn.proj` -> `self_attn.out_proj`, `norm` ->
+    `post_layernorm`, `attn_pool.latent` -> `head.probe`, `attn_pool.proj` -> `head.attention.out_proj`,
+    `attn_pool.norm` -> `head.layernorm`, `attn_pool.mlp` -> `head.mlp`, and the converters
+    `self_attn.qkv.weight/bias` -> `self_attn.{q,k,v}_proj.weight/bias` (`Chunk`),
+    `pos_embed` -> `embeddings.position_embedding.weight` (`SqueezeLeadingDim`), `attn_pool.q` + `attn_pool.kv` ->
+    `head.attention.in_proj_weight/bias` (`ConcatenateParts`)."""
+    return [
+        WeightRenaming(r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
+        WeightRenaming(r"^blocks\.(\d+)\.", r"encoder.layers.\1."),
+        WeightRenaming(r"\.norm1\.", ".layer_norm1."),
+        WeightRenaming(r"\.norm2\.", ".layer_norm2."),
+        WeightRenaming(r"\.attn\.", ".self_attn."),
+        WeightRenaming(r"\.self_attn\.proj\.", ".self_attn.out_proj."),
+        WeightRenaming(r"^norm\.", "post_layernorm."),
+        WeightRenaming(r"^attn_pool\.latent", "head.probe"),
+        WeightRenaming(r"^attn_pool\.proj\.", "head.attention.out_proj."),
+        WeightRenaming(r"^attn_pool\.norm\.", "head.layernorm."),
+        WeightRenaming(r"^attn_pool\.mlp\.", "head.mlp."),
+        *_split_qkv("self_attn"),
+        WeightConverter(r"^pos_embed", "embeddings.position_embedding.weight", operations=[SqueezeLeadingDim()]),
+        *[
+            WeightConverter(
+                source_patterns=[rf"^attn_pool\.q\.{kind}", rf"^attn_pool\.kv\.{kind}"],
+                target_patterns=f"head.attention.in_proj_{kind}",
+                operations=[ConcatenateParts(dim=0, parts=(1, 2))],
+            )
+            for kind in ("weight", "bias")
+        ],
+    ]
+
+
+# Registered by class name: transformers applies them, scoped to `vision_backbone.featurizer` /
+# `vision_backbone.fused_featurizer`, when loading a model holding these towers (and reverts them when saving it with
+# `save_original_format=True`, which writes the official names again).
+register_checkpoint_conversion_mapping("OpenVLATimmDinov2Model", timm_dinov2_conversions(), overwrite=True)
+register_checkpoint_conversion_mapping("OpenVLATimmSiglipVisionModel", timm_siglip_conversions(), overwrite=True)
+TIMM_LAYOUT_TOWERS = {"dinov2_with_registers": OpenVLATimmDinov2Model, "siglip_vision_model": OpenVLATimmSiglipVisionModel}
+
+
+def _vision_tower(config, layout: str) -> PreTrainedModel:
+    """A transformers vision model for `config`; with `layout="timm"` the tower class of official checkpoints."""
+    if layout != "timm":
+        return AutoModel.from_config(config)
+    if config.model_type not in TIMM_LAYOUT_TOWERS:
+        raise ValueError(
+            f"vision_layout='timm' supports the vision models {sorted(TIMM_LAYOUT_TOWERS)}, got {config.model_type!r}."
+        )
+    return TIMM_LAYOUT_TOWERS[config.model_type]._from_config(config)
+
+
 class OpenVLAVisionBackbone(nn.Module):
     """DINOv2 (optionally fused with SigLIP) patch features of one hidden layer, without CLS / register tokens.
 
@@ -91,9 +341,11 @@ class OpenVLAVisionBackbone(nn.Module):
     def __init__(self, config: OpenVLAConfig):
         super().__init__()
         self.feature_layer = config.vision_feature_layer
-        self.featurizer = AutoModel.from_config(config.vision_config)
+        self.featurizer = _vision_tower(config.vision_config, config.vision_layout)
         self.fused_featurizer = (
-            AutoModel.from_config(config.fused_vision_config) if config.fused_vision_config is not None else None
+            _vision_tower(config.fused_vision_config, config.vision_layout)
+            if config.fused_vision_config is not None
+            else None
         )
 
     def _patch_features(self, model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -160,6 +412,12 @@ class OpenVLAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Save with this model's own parameter names (transformers would otherwise write the legacy names of the
+        DINOv2 attention weights), so that a plain `load_state_dict`, which the `Trainer` uses to resume from a
+        checkpoint, finds every weight."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
 
 class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
@@ -319,6 +577,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> OpenVLAOutput:
         """
@@ -327,6 +586,8 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             attention_mask: `[batch, seq]`, 0 on (left) padding.
             pixel_values: `[batch, 3 or 6, image_size, image_size]`.
             labels: `[batch, seq]`, action token ids where supervised, -100 elsewhere.
+            num_items_in_batch: number of supervised tokens across accumulated batches and processes (the `Trainer`
+                passes it); the loss is then a sum divided by it.
 
         Returns:
             `OpenVLAOutput`; `action_logits` is `[batch, action_dim, num_action_bins]` (with a chunk dimension after
@@ -368,7 +629,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             action_logits = self._bin_logits(action_hidden)
             if labels is not None:
                 target_bins = self.action_tokenizer.token_ids_to_bins(labels[labels != IGNORE_INDEX])
-                loss = vla_loss(action_logits, target_bins.view(batch_size, self.num_action_tokens))
+                loss = vla_loss(action_logits, target_bins.view(batch_size, self.num_action_tokens), num_items_in_batch)
             action_logits = self._chunked(action_logits)
         return OpenVLAOutput(
             loss=loss,
@@ -451,7 +712,111 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         return tokenizer.bins_to_actions(bins, unnorm_key)
 
 
+class OpenVLAPolicy:
+    """Closed-loop control with an OpenVLA model: one action per environment step, from a queue of planned actions.
+
+    The model is queried ("re-plans") only when an environment's queue is empty. One `predict_action` call yields a
+    chunk of `action_chunk_size` actions (parallel decoding with chunks) or a single action (otherwise); the first
+    `n_action_steps` of them are queued and executed open-loop, one per call, before the next query, as LeRobot
+    policies do with `select_action`. Several environments stepped together (`select_actions`) share one batched
+    model call per re-plan and keep one queue each.
+
+    Args:
+        model: an `OpenVLAForActionPrediction` (put it in eval mode and on its device first).
+        processor: the model's `OpenVLAProcessor`.
+        unnorm_key: dataset whose statistics unnormalise the actions (see `predict_action`); checked here.
+        n_action_steps: actions executed per model query, in `1..action_chunk_size`; defaults to `action_chunk_size`.
+
+    Example:
+        ```python
+        policy = OpenVLAPolicy(model, processor, unnorm_key="my_robot")
+        policy.reset()
+        for _ in range(max_steps):
+            action = policy.select_action(env.render(), "pick up the red block")  # [action_dim]
+            env.step(action)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: OpenVLAForActionPrediction,
+        processor,
+        unnorm_key: str | None = None,
+        n_action_steps: int | None = None,
+    ):
+        chunk_size = model.config.action_chunk_size
+        if n_action_steps is None:
+            n_action_steps = chunk_size
+        if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int) or not 1 <= n_action_steps <= chunk_size:
+            raise ValueError(
+                f"n_action_steps={n_action_steps!r} must be an integer from 1 to {chunk_size}: the model predicts "
+                f"action_chunk_size={chunk_size} action(s) per call (action_decoding={model.config.action_decoding!r})."
+            )
+        model.action_tokenizer.stats_for(unnorm_key)  # unknown or ambiguous keys fail now, not mid-episode
+        self.model = model
+        self.processor = processor
+        self.unnorm_key = unnorm_key
+        self.n_action_steps = n_action_steps
+        self._queues: list[deque] = []
+
+    @property
+    def chunk_size(self) -> int:
+        """Actions the model predicts per call: `action_chunk_size`."""
+        return self.model.config.action_chunk_size
+
+    @property
+    def action_dim(self) -> int:
+        return self.model.config.action_dim
+
+    def reset(self, env_ids: int | Sequence[int] | None = None) -> None:
+        """Empty the action queues, so that the next call re-plans: all of them (start of an episode), or only those
+        of the environments `env_ids` (episodes that ended while others go on)."""
+        if env_ids is None:
+            self._queues = []
+            return
+        for env_id in [env_ids] if isinstance(env_ids, int) else env_ids:
+            if not 0 <= env_id < len(self._queues):
+                raise ValueError(f"env_id={env_id} is not one of the {len(self._queues)} environments of this policy.")
+            self._queues[env_id].clear()
+
+    def select_action(self, image, instruction: str) -> np.ndarray:
+        """One environment: an image (PIL, numpy `[H, W, C]` or torch `[C, H, W]`) and its instruction -> the next
+        action, float32 `[action_dim]` (unnormalised with `unnorm_key`)."""
+        return self.select_actions([image], [instruction])[0]
+
+    def select_actions(self, images: Sequence, instructions: str | Sequence[str]) -> np.ndarray:
+        """`B` environments stepped together: `B` images and `B` instructions (or one for all) -> the next action of
+        each, float32 `[B, action_dim]`. Environments whose queue is empty are re-planned in one batched model call."""
+        images = list(images)
+        instructions = [instructions] * len(images) if isinstance(instructions, str) else list(instructions)
+        if not images or len(instructions) != len(images):
+            raise ValueError(
+                f"Got {len(images)} images and {len(instructions)} instructions; pass one (image, instruction) per "
+                "environment."
+            )
+        if not self._queues:
+            self._queues = [deque() for _ in images]
+        elif len(self._queues) != len(images):
+            raise ValueError(
+                f"Got {len(images)} environments but the policy holds action queues for {len(self._queues)}; call "
+                "reset() when the number of environments changes."
+            )
+        stale = [env_id for env_id, queue in enumerate(self._queues) if not queue]
+        if stale:
+            chunks = self._plan([images[i] for i in stale], [instructions[i] for i in stale])
+            for env_id, chunk in zip(stale, chunks, strict=True):
+                self._queues[env_id].extend(chunk[: self.n_action_steps])
+        return np.stack([queue.popleft() for queue in self._queues])
+
+    def _plan(self, images: list, instructions: list[str]) -> np.ndarray:
+        """One `predict_action` call -> float32 `[B, chunk_size, action_dim]` (`chunk_size` 1 without chunks)."""
+        inputs = self.processor(images=images, text=instructions).to(self.model.device)
+        actions = self.model.predict_action(**inputs, unnorm_key=self.unnorm_key)
+        actions = actions.detach().float().cpu().numpy()
+        return actions.reshape(len(images), -1, self.action_dim)
+
+
 OpenVLAConfig.register_for_auto_class()
 OpenVLAForActionPrediction.register_for_auto_class("AutoModel")
 
-__all__ = ["OpenVLAForActionPrediction", "OpenVLAPreTrainedModel", "vla_loss"]
+__all__ = ["OpenVLAForActionPrediction", "OpenVLAPolicy", "OpenVLAPreTrainedModel", "vla_loss"]

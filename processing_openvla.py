@@ -22,7 +22,6 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
-
 DEFAULT_PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
 RESIZE_STRATEGIES = ("resize-naive", "resize-crop", "letterbox")
 # Fields of an official OpenVLA `preprocessor_config.json` (`PrismaticImageProcessor`) that we translate.

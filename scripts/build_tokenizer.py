@@ -14,7 +14,6 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown"]
 OBJECTS = ["block", "ball", "cube", "cup", "bowl", "drawer", "button", "door", "handle", "can", "bottle", "plate"]
 VERBS = ["move to", "go to", "reach", "push", "pick up", "put down", "open", "close", "press", "grasp", "place", "slide"]

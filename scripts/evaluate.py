@@ -16,28 +16,25 @@ from typing import Any
 import numpy as np
 import torch
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tabletop import evaluate_policy, expert_policy, random_policy  # noqa: E402
 
+from modeling_openvla import OpenVLAPolicy  # noqa: E402
+
 
 class ModelPolicy:
-    """`policy(images, instructions) -> [B, action_dim]` from a model and its processor (first action of a chunk)."""
+    """`policy(images, instructions) -> [B, action_dim]` for `evaluate_policy`, whose batch shrinks as episodes end:
+    an `OpenVLAPolicy` that re-plans at every step (the first action of a chunk is executed)."""
 
     def __init__(self, model, processor, unnorm_key: str | None = None):
-        self.model = model.eval()
-        self.processor = processor
-        self.unnorm_key = unnorm_key
+        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=1)
 
     def __call__(self, images: list, instructions: list[str]) -> np.ndarray:
-        inputs = self.processor(images=images, text=instructions).to(self.model.device)
-        actions = self.model.predict_action(**inputs, unnorm_key=self.unnorm_key)
-        if actions.ndim == 3:
-            actions = actions[:, 0]
-        return actions.float().cpu().numpy()
+        self.policy.reset()
+        return self.policy.select_actions(images, instructions)
 
 
 @torch.no_grad()

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from evaluate import evaluate_model  # noqa: E402
+from model_card import push_folder, write_model_card  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModel,
     AutoProcessor,
@@ -51,8 +52,6 @@ from transformers import (  # noqa: E402
 )
 
 from configuration_openvla import OpenVLAConfig  # noqa: E402
-from evaluate import evaluate_model  # noqa: E402
-from model_card import push_folder, write_model_card  # noqa: E402
 from modeling_openvla import OpenVLAForActionPrediction  # noqa: E402
 from processing_openvla import (  # noqa: E402
     IGNORE_INDEX,
@@ -63,7 +62,6 @@ from processing_openvla import (  # noqa: E402
     compute_action_stats,
     detokenize_actions,
 )
-
 
 logger = logging.getLogger("finetune")
 BUILTIN_DATASET = "tabletop"

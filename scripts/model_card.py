@@ -5,7 +5,6 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-
 CARD_BODY = """
 # {title}
 

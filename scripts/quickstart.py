@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

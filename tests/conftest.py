@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
@@ -20,7 +19,6 @@ from transformers import AutoTokenizer  # noqa: E402
 from configuration_openvla import OpenVLAConfig  # noqa: E402
 from modeling_openvla import OpenVLAForActionPrediction  # noqa: E402
 from processing_openvla import OpenVLAImageProcessor, OpenVLAProcessor  # noqa: E402
-
 
 TOKENIZER_DIR = REPO / "assets" / "tokenizer"
 TINY = {"image_size": 56, "vision_dim": 64, "hidden_dim": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}

@@ -11,7 +11,6 @@ from conftest import INSTRUCTIONS, REPO, make_model, random_images
 
 from processing_openvla import compute_action_stats
 
-
 LOAD_AND_PREDICT = """
 import json, sys
 import numpy as np, torch

@@ -8,7 +8,6 @@ from transformers import Dinov2WithRegistersConfig, LlamaConfig, SiglipVisionCon
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction
 
-
 REFERENCE_DEFAULTS = {
     "image_size": 224, "patch_size": 14, "in_channels": 3, "vision_dim": 384, "hidden_dim": 2048, "num_layers": 24,
     "num_heads": 16, "num_kv_heads": 4, "action_dim": 7, "num_action_bins": 256, "max_text_len": 64, "dropout": 0.1,

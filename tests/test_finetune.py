@@ -8,16 +8,14 @@ import subprocess
 import sys
 
 import datasets
+import finetune
 import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY, make_model, make_processor, random_images
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-
-import finetune
 from tabletop import generate_demonstrations
-
 
 TINY_OVERRIDES = ",".join(f"{name}={value}" for name, value in TINY.items() if name != "image_size")
 QUICK = ["--num_demo_episodes", "12", "--per_device_train_batch_size", "8", "--logging_steps", "2", "--config_overrides", TINY_OVERRIDES]
@@ -226,3 +224,15 @@ def test_readme_trainer_snippet_runs_as_written(trained, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "outputs" / "my_run").exists()
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_are_valid(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type == kind and config.num_processes == 8 and config.mixed_precision == "bf16"
+    if kind == "FSDP":
+        assert "LlamaDecoderLayer" in config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])

@@ -9,8 +9,7 @@ from PIL import Image
 
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import IdentityRotaryEmbedding, OpenVLAForActionPrediction, vla_loss
-from processing_openvla import IGNORE_INDEX, compute_action_stats
-
+from processing_openvla import compute_action_stats
 
 ACTIONS = np.random.default_rng(0).uniform(-1, 1, size=(3, 7))
 

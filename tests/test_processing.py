@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from build_tokenizer import build_tokenizer
 from conftest import INSTRUCTIONS, make_processor, random_images
 from PIL import Image
 
-from build_tokenizer import build_tokenizer
 from processing_openvla import (
     IGNORE_INDEX,
     OpenVLADataCollator,
