@@ -664,7 +664,8 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.config.action_decoding == "parallel":
-            return self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).action_logits
+            outputs = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=1)
+            return outputs.action_logits
         tokenizer = self.action_tokenizer
         generation_config = GenerationConfig(
             max_new_tokens=self.num_action_tokens,

@@ -331,6 +331,10 @@ class ActionTokenizer:
         token_ids = self.bins_to_token_ids(tokenize_actions(values, **self._bin_options()))
         return _like(token_ids, actions)
 
+    def bins_to_normalized_actions(self, bins: ArrayLike) -> ArrayLike:
+        """Bins `[..., action_dim]` -> actions in `[action_min, action_max]` (before unnormalisation), float32."""
+        return detokenize_actions(bins, **self._bin_options())
+
     def bins_to_actions(self, bins: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
         """Bins `[..., action_dim]` -> raw actions (unnormalised when statistics are known), float32.
 
@@ -680,14 +684,8 @@ class OpenVLAProcessor(ProcessorMixin):
 
     @property
     def action_tokenizer(self) -> ActionTokenizer:
-        return ActionTokenizer(
-            num_action_bins=self.num_action_bins,
-            action_token_end=self.action_token_end,
-            action_min=self.action_min,
-            action_max=self.action_max,
-            scheme=self.action_binning,
-            norm_stats=self.norm_stats,
-        )
+        """Maps this processor's actions to token ids (it holds the same action settings as `OpenVLAConfig`)."""
+        return ActionTokenizer.from_config(self)
 
     @property
     def num_image_tokens(self) -> int:

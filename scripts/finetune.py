@@ -60,7 +60,6 @@ from processing_openvla import (  # noqa: E402
     OpenVLAProcessor,
     build_action_chunks,
     compute_action_stats,
-    detokenize_actions,
 )
 
 logger = logging.getLogger("finetune")
@@ -318,20 +317,7 @@ def build_model_and_processor(model_args: ModelArguments, action_dim: int) -> tu
         overrides["action_chunk_size"] = model_args.action_chunk_size
     overrides.update(parse_overrides(model_args.config_overrides))
     config = OpenVLAConfig.small_config(**overrides)
-    image_processor = OpenVLAImageProcessor(image_size=config.image_size)
-    processor = OpenVLAProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        action_dim=config.action_dim,
-        num_action_bins=config.num_action_bins,
-        action_min=config.action_min,
-        action_max=config.action_max,
-        action_binning=config.action_binning,
-        action_token_end=config.action_token_end,
-        patch_size=config.patch_size,
-        image_token_id=config.image_token_id,
-        max_text_len=config.max_text_len,
-    )
+    processor = OpenVLAProcessor.from_model_config(config, OpenVLAImageProcessor(image_size=config.image_size), tokenizer)
     return OpenVLAForActionPrediction(config), processor
 
 
@@ -366,8 +352,7 @@ def make_compute_metrics(processor: OpenVLAProcessor, eval_names: list[str]):
         predicted_bins = np.asarray(prediction.predictions)
         labels = np.asarray(prediction.label_ids)
         target_bins = tokenizer.token_ids_to_bins(labels[labels != IGNORE_INDEX]).reshape(predicted_bins.shape)
-        options = {"num_bins": tokenizer.num_action_bins, "action_min": tokenizer.action_min, "action_max": tokenizer.action_max, "scheme": tokenizer.scheme}
-        predicted, target = detokenize_actions(predicted_bins, **options), detokenize_actions(target_bins, **options)
+        predicted, target = tokenizer.bins_to_normalized_actions(predicted_bins), tokenizer.bins_to_normalized_actions(target_bins)
         raw_errors = [
             np.abs(tokenizer.bins_to_actions(p, name) - tokenizer.bins_to_actions(t, name)).mean()
             for p, t, name in zip(predicted_bins, target_bins, eval_names[: len(predicted_bins)])

@@ -56,3 +56,12 @@ def random_images(count: int, seed: int = 0, size: tuple[int, int] = (64, 80)) -
 
 
 INSTRUCTIONS = ["move to the red block", "push the blue ball to the left", "go to the green cube now please"]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from threads, and on a busy machine idle OpenMP threads spinning cost 10x the time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -236,3 +236,17 @@ def test_shipped_accelerate_configs_are_valid(name, kind):
         assert "LlamaDecoderLayer" in config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_parallel_chunked_model_trains_with_the_same_program(tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    output = tmp_path / "parallel"
+    metrics = finetune.main(["--output_dir", str(output), "--action_decoding", "parallel", "--action_chunk_size", "4",
+                             "--max_steps", "4", "--eval_steps", "4", "--closed_loop_episodes", "2", "--eval_split_ratio", "0.25", *QUICK])
+    assert {"eval_action_accuracy", "eval_l1_raw", "closed_loop_success_rate"} <= set(metrics)
+    model = AutoModel.from_pretrained(output, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
+    assert (model.config.action_decoding, model.config.action_chunk_size) == ("parallel", 4)
+    actions = model.predict_action(**processor(images=random_images(2), text=["go to the red block", "push the blue ball up"]))
+    assert actions.shape == (2, 4, 7)

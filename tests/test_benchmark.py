@@ -1,0 +1,110 @@
+"""scripts/benchmark.py: the --quick run's JSON layout and the measuring helpers (no timing thresholds)."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "benchmark.py"
+ROW_TYPES = {
+    "config": str,
+    "mode": str,
+    "batch_size": int,
+    "chunk_size": int,
+    "latency_ms": float,
+    "actions_per_s": float,
+    "speedup": float,
+    "peak_mem_mb": float,
+    "flops_per_call": float,
+    "peak_fraction": float,
+}
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("openvla_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_the_json_layout(tmp_path):
+    path = tmp_path / "nested" / "benchmark.json"
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(path.read_text())
+
+    assert set(result) == {"device", "matmul_peak_gflops", "rows"}
+    assert result["device"] == "cpu"
+    assert isinstance(result["matmul_peak_gflops"], float) and result["matmul_peak_gflops"] > 0
+    rows = result["rows"]
+    for row in rows:
+        assert set(row) == set(ROW_TYPES), row
+        for key, kind in ROW_TYPES.items():
+            assert isinstance(row[key], kind) and not isinstance(row[key], bool), (key, row[key])
+            if kind is float:
+                assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        assert row["config"] == "small"
+        assert row["latency_ms"] > 0 and row["flops_per_call"] > 0 and row["peak_fraction"] > 0
+
+    kinds = {(row["mode"], row["batch_size"], row["chunk_size"]) for row in rows}
+    assert kinds == {
+        ("baseline", 1, 1),
+        ("autoregressive", 1, 1),
+        ("autoregressive", 4, 1),
+        ("autoregressive", 16, 1),
+        ("parallel", 1, 1),
+        ("parallel", 1, 8),
+        ("forward", 16, 1),
+    }
+    for row in rows:
+        if row["mode"] == "baseline":
+            assert row["speedup"] == pytest.approx(1.0)
+        if row["mode"] == "forward":
+            assert row["actions_per_s"] == 0 and row["speedup"] == 0
+        else:
+            expected = row["batch_size"] * row["chunk_size"] / (row["latency_ms"] / 1e3)
+            assert row["actions_per_s"] == pytest.approx(expected, rel=1e-6)
+    assert "Targets:" in completed.stdout
+
+
+def test_flop_counter_counts_matmuls_and_cpu_attention(benchmark):
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert benchmark.count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    batch, heads, seq, dim = 2, 4, 10, 8
+    q, k, v = (torch.randn(batch, heads, seq, dim) for _ in range(3))
+    # QK^T and PV: 2 * (2 * seq * seq * dim) per head, however SDPA dispatches on this device.
+    assert benchmark.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 4 * batch * heads * seq * seq * dim
+
+
+def test_peak_memory_sees_a_large_temporary(benchmark):
+    memory = benchmark.PeakMemory("cpu")
+    memory.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    del block
+    assert memory.stop() >= 48
+
+
+def test_matmul_peak_is_positive(benchmark):
+    assert benchmark.measure_matmul_peak("cpu", torch.float32, size=256, trials=1, reps=1) > 0
+
+
+def test_bad_options(benchmark):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--dtype", "float64"])
+    args = benchmark.parse_args(["--quick"])
+    assert args.config == ["small"]
+    assert benchmark.parse_args([]).config == ["small", "mid"]
