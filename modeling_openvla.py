@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoModel,
+    Dinov2Model,
     GenerationConfig,
     GenerationMixin,
     LlamaForCausalLM,
@@ -331,6 +332,20 @@ def _vision_tower(config, layout: str) -> PreTrainedModel:
     return TIMM_LAYOUT_TOWERS[config.model_type]._from_config(config)
 
 
+def sincos_2d_positions(grid: int, width: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings of a `grid` x `grid` patch grid, row-major: `[grid * grid, width]` (x in the
+    first half of the features, y in the second; `width` divisible by 4)."""
+    if width % 4:
+        raise ValueError(f"Sine-cosine position embeddings need a width divisible by 4, got {width}.")
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    features = []
+    for coordinate in (columns.flatten(), rows.flatten()):
+        angles = coordinate[:, None] * frequencies[None]
+        features += [angles.sin(), angles.cos()]
+    return torch.cat(features, dim=1)
+
+
 class OpenVLAVisionBackbone(nn.Module):
     """DINOv2 (optionally fused with SigLIP) patch features of one hidden layer, without CLS / register tokens.
 
@@ -347,6 +362,20 @@ class OpenVLAVisionBackbone(nn.Module):
             if config.fused_vision_config is not None
             else None
         )
+        if isinstance(self.featurizer, (Dinov2Model, Dinov2WithRegistersModel)):
+            self._start_with_sincos_positions(self.featurizer.embeddings.position_embeddings)
+
+    @torch.no_grad()
+    def _start_with_sincos_positions(self, positions: nn.Parameter) -> None:
+        """A DINOv2 tower built from scratch starts with 2-D sine-cosine patch position embeddings (as MAE) instead of
+        random ones: the patch features then carry a clear position signal from the first step, and a model trained
+        from scratch learns where things are in the image far sooner. Pretrained weights loaded later replace them."""
+        if positions.device.type == "meta":
+            return
+        grid = int(round((positions.shape[1] - 1) ** 0.5))
+        table = sincos_2d_positions(grid, positions.shape[-1])
+        positions[0, 0].zero_()
+        positions[0, 1:].copy_(table.to(positions.dtype))
 
     def _patch_features(self, model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden_states = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]

@@ -117,7 +117,7 @@ class DataArguments:
     image_augmentation: bool = field(
         default=False, metadata={"help": "Random resized crop (scale 0.9-1) and colour jitter on training images."}
     )
-    num_demo_episodes: int = field(default=400, metadata={"help": "Episodes of built-in tabletop demonstrations."})
+    num_demo_episodes: int = field(default=1000, metadata={"help": "Episodes of built-in tabletop demonstrations."})
     closed_loop_episodes: int = field(
         default=100, metadata={"help": "Held-out tabletop episodes run in closed loop after training (0 to skip)."}
     )
@@ -126,17 +126,17 @@ class DataArguments:
 @dataclass
 class FinetuneTrainingArguments(TrainingArguments):
     output_dir: str = field(default=str(REPO / "outputs" / "finetune"), metadata={"help": "Where the final model goes."})
-    max_steps: int = field(default=1500, metadata={"help": "Optimisation steps."})
+    max_steps: int = field(default=800, metadata={"help": "Optimisation steps."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Eval batch size per process."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     logging_steps: int = field(default=25, metadata={"help": "Log every N steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "'steps', 'epoch' or 'no'."})
-    eval_steps: int = field(default=250, metadata={"help": "Evaluate every N steps."})
-    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps."})
+    eval_steps: int = field(default=200, metadata={"help": "Evaluate every N steps."})
+    save_steps: int = field(default=400, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
     report_to: str = field(default="none", metadata={"help": "Trackers: 'none', 'tensorboard', 'wandb', ..."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (the transform needs them)."})

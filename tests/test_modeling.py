@@ -173,3 +173,18 @@ def test_saved_weights_keep_the_module_names(tokenizer, tmp_path):
     saved = load_file(tmp_path / "model.safetensors")
     assert set(saved) == set(model.state_dict())
     assert not model.load_state_dict(saved, strict=False).missing_keys
+
+
+def test_new_dinov2_tower_starts_with_sincos_positions_and_loading_replaces_them(tokenizer, tmp_path):
+    from modeling_openvla import sincos_2d_positions
+
+    model = make_model(tokenizer)
+    positions = model.vision_backbone.featurizer.embeddings.position_embeddings
+    torch.testing.assert_close(positions[0, 1:], sincos_2d_positions(4, 64))
+    with torch.no_grad():
+        positions.mul_(3.0)
+    model.save_pretrained(tmp_path)
+    reloaded = OpenVLAForActionPrediction.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.vision_backbone.featurizer.embeddings.position_embeddings, positions)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d_positions(4, 30)
