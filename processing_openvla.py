@@ -257,8 +257,9 @@ class ActionTokenizer:
 
     def __init__(
         self,
+        *,
+        action_token_end: int,
         num_action_bins: int = 256,
-        action_token_end: int = 32000,
         action_min: float = -1.0,
         action_max: float = 1.0,
         scheme: str = "reference",

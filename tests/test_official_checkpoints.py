@@ -258,7 +258,7 @@ def test_both_binning_schemes_decode_as_their_formulas(loaded, checkpoints):
     low, high, mask = np.array(stats["q01"]), np.array(stats["q99"]), np.array(stats["mask"])
     official = np.where(mask, 0.5 * (centres[index] + 1) * (high - low) + low, centres[index])
     np.testing.assert_array_equal(tokenizer.decode(token_ids, "bridge_orig"), official.astype(np.float32))
-    reference_tokenizer = ActionTokenizer(256, tokenizer.action_token_end, scheme="reference", norm_stats=checkpoints["fused"]["norm_stats"])
+    reference_tokenizer = ActionTokenizer(num_action_bins=256, action_token_end=tokenizer.action_token_end, scheme="reference", norm_stats=checkpoints["fused"]["norm_stats"])
     assert not np.array_equal(reference_tokenizer.decode(token_ids, "bridge_orig"), tokenizer.decode(token_ids, "bridge_orig"))
 
 
