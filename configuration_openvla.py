@@ -50,6 +50,14 @@ OFFICIAL_CONFIG_KEYS = (
 OFFICIAL_CONFIG_MARKERS = ("vision_backbone_id", "timm_model_ids", "arch_specifier", "n_action_bins")
 # timm vision towers of official checkpoints (architecture name without the pretrained tag) -> transformers sub-config.
 # Everything not listed is the timm default: qkv bias, exact GELU, LayerNorm eps 1e-6, no dropout.
+_SIGLIP_SO400M_14 = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 1152,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "mlp_ratio": 3.7362,
+    "patch_size": 14,
+}
 TIMM_VISION_TOWERS = {
     "vit_large_patch14_reg4_dinov2": {
         "model_type": "dinov2_with_registers",
@@ -60,22 +68,9 @@ TIMM_VISION_TOWERS = {
         "num_register_tokens": 4,
         "patch_size": 14,
     },
-    "vit_so400m_patch14_siglip_224": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1152,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "mlp_ratio": 3.7362,
-        "patch_size": 14,
-    },
-    "vit_so400m_patch14_siglip_384": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1152,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "mlp_ratio": 3.7362,
-        "patch_size": 14,
-    },
+    # The same tower at two input sizes (the size itself comes from the checkpoint's `image_sizes`).
+    "vit_so400m_patch14_siglip_224": _SIGLIP_SO400M_14,
+    "vit_so400m_patch14_siglip_384": _SIGLIP_SO400M_14,
 }
 # timm constructor arguments (as in `timm.create_model(..., **kwargs)`) -> tower description keys.
 _TIMM_KWARGS = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads", "mlp_ratio": "mlp_ratio"}
