@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from accelerate.utils import gather_object  # noqa: E402
 from evaluate import evaluate_model  # noqa: E402
 from model_card import push_folder, write_model_card  # noqa: E402
 from transformers import (  # noqa: E402
@@ -464,7 +465,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     final_model = trainer.model
-    print(f"rank {training_args.process_index} weights sha256: {weights_fingerprint(final_model)}", flush=True)
+    fingerprints = gather_object([weights_fingerprint(final_model)])
+    if trainer.is_world_process_zero():
+        print(f"weights sha256 of the {len(fingerprints)} process(es), by rank: {' '.join(fingerprints)}", flush=True)
 
     if trainer.is_world_process_zero():
         merged = save_outputs(final_model, processor, output_dir, model_args)

@@ -155,9 +155,11 @@ def test_two_processes_end_with_identical_weights(tmp_path, launcher):
     output = tmp_path / "ddp"
     result = run_finetune("--output_dir", str(output), "--max_steps", "3", "--save_steps", "3", "--eval_strategy", "no",
                           "--closed_loop_episodes", "0", *QUICK, launcher=[sys.executable, *launcher])
-    fingerprints = dict(re.findall(r"rank (\d) weights sha256: (\w+)", result.stdout))
-    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
-    assert (output / "model.safetensors").exists() and "world_size': 2" not in result.stdout
+    reports = re.findall(r"weights sha256 of the (\d+) process\(es\), by rank: ([0-9a-f ]+)", result.stdout)
+    assert len(reports) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    count, fingerprints = int(reports[0][0]), reports[0][1].split()
+    assert count == 2 and len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], reports
+    assert (output / "model.safetensors").exists()
     assert "2 process(es)" in (output / "README.md").read_text()
 
 
