@@ -1,0 +1,193 @@
+"""Meta-World demonstrations from the scripted expert policies, as a `datasets` folder for `scripts/finetune.py`.
+
+    python scripts/metaworld_demos.py --tasks button-press-topdown-v3 drawer-close-v3 coffee-button-v3 \\
+        --episodes-per-task 50 --output data/metaworld
+
+Episode `i` of a task runs the task's scripted expert on training variation `i % 50` (`MT1(task, seed=0)`; the
+evaluator holds out the variations of seed 1). An episode stops `STEPS_AFTER_SUCCESS` steps after the environment
+first reports success, so the data shows the finished state briefly, or after `--max-steps` steps; only successful
+episodes are kept. Each kept step is one row:
+
+    image        the camera frame the expert acted on (PIL, `--image-size` square, camera `--camera`)
+    instruction  one paraphrase of the task, drawn per episode with `--seed`
+    action       the 4 executed floats (dx, dy, dz, gripper), clipped to [-1, 1] as the environment clips them
+    episode      episode id, unique across tasks (0, 1, ... over the kept episodes)
+    step         step within the episode, from 0
+    task         the Meta-World task name
+
+The expert and the physics are deterministic, so more than 50 episodes per task repeat trajectories (with another
+paraphrase). `DIR/stats.json` holds per-task and overall action statistics (`compute_action_stats`), episode counts
+and the wall time; `DIR/preview.png` shows the first kept episode of every task with its instruction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from metaworld_env import (  # noqa: E402
+    ACTION_DIM,
+    DEFAULT_CAMERA,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_STEPS,
+    KNOWN_TASKS,
+    TASK_INSTRUCTIONS,
+    TRAIN_SEED,
+    MetaWorldEnv,
+    ScriptedPolicy,
+    check_tasks,
+    run_episode,
+    task_variations,
+)
+from tabletop import save_episode_strip  # noqa: E402
+
+from processing_openvla import compute_action_stats  # noqa: E402
+
+STEPS_AFTER_SUCCESS = 3
+
+
+def demonstration_features() -> datasets.Features:
+    """The columns of `generate_metaworld_demonstrations`."""
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "instruction": datasets.Value("string"),
+            "action": datasets.List(datasets.Value("float32"), length=ACTION_DIM),
+            "episode": datasets.Value("int32"),
+            "step": datasets.Value("int32"),
+            "task": datasets.Value("string"),
+        }
+    )
+
+
+def generate_metaworld_demonstrations(
+    tasks: Sequence[str],
+    episodes_per_task: int,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    camera_name: str = DEFAULT_CAMERA,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    seed: int = 0,
+    progress: bool = True,
+) -> datasets.Dataset:
+    """Roll out the scripted expert `episodes_per_task` times per task (see the module docstring) and return the
+    steps of the successful episodes, one row each, ordered by episode."""
+    tasks = check_tasks(tasks)
+    if isinstance(episodes_per_task, bool) or not isinstance(episodes_per_task, int) or episodes_per_task < 1:
+        raise ValueError(f"episodes_per_task={episodes_per_task!r} must be a positive integer.")
+    rng = np.random.default_rng(seed)
+    image_feature = datasets.Image()
+    columns: dict[str, list] = {name: [] for name in demonstration_features()}
+    kept = 0
+    with tqdm(total=len(tasks) * episodes_per_task, desc="demonstrations", disable=not progress) as bar:
+        for task in tasks:
+            variations = task_variations(task, TRAIN_SEED)
+            policy = ScriptedPolicy(task)
+            with MetaWorldEnv(task, image_size, camera_name, max_steps) as env:
+                for index in range(episodes_per_task):
+                    instruction = str(rng.choice(TASK_INSTRUCTIONS[task]))
+                    episode = run_episode(env, variations[index % len(variations)], policy, instruction, STEPS_AFTER_SUCCESS)
+                    if episode.success:
+                        for step, (image, action) in enumerate(zip(episode.images, episode.actions)):
+                            columns["image"].append(image_feature.encode_example(image))
+                            columns["instruction"].append(instruction)
+                            columns["action"].append(action.tolist())
+                            columns["episode"].append(kept)
+                            columns["step"].append(step)
+                            columns["task"].append(task)
+                        kept += 1
+                    bar.update()
+                    bar.set_postfix(task=task, kept=kept)
+    return datasets.Dataset.from_dict(columns, features=demonstration_features())
+
+
+def demonstration_stats(dataset: datasets.Dataset, tasks: Sequence[str], episodes_per_task: int) -> dict[str, Any]:
+    """Per-task and overall episode counts and action statistics (official OpenVLA layout) of a demonstration set."""
+    actions = np.asarray(dataset["action"], dtype=np.float64).reshape(-1, ACTION_DIM)
+    row_tasks = np.asarray(dataset["task"])
+    episodes = np.asarray(dataset["episode"])
+
+    def summary(rows: np.ndarray, attempted: int) -> dict[str, Any]:
+        kept = len(np.unique(episodes[rows]))
+        return {
+            "episodes_attempted": attempted,
+            "episodes_successful": kept,  # every successful episode is kept
+            "success_rate": kept / attempted,
+            "steps": int(rows.sum()),
+            "mean_episode_length": float(rows.sum() / kept) if kept else None,
+            "action_stats": compute_action_stats(actions[rows]) if rows.any() else None,
+        }
+
+    per_task = {task: summary(row_tasks == task, episodes_per_task) for task in tasks}
+    return {"tasks": per_task, "overall": summary(np.ones(len(dataset), dtype=bool), episodes_per_task * len(tasks))}
+
+
+def save_preview(dataset: datasets.Dataset, path: Path) -> None:
+    """A PNG with the first kept episode of every task, one row each, captioned with its task and instruction."""
+    episodes = np.asarray(dataset["episode"])
+    first_episodes: dict[str, int] = {}
+    for task, episode in zip(dataset["task"], episodes):
+        first_episodes.setdefault(task, episode)
+    frames, captions = [], []
+    for task, episode in first_episodes.items():
+        rows = dataset.select(np.flatnonzero(episodes == episode))
+        frames.append(list(rows["image"]))
+        captions.append(f"{task}: {rows[0]['instruction']}")
+    save_episode_strip(frames, path, captions)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
+    parser.add_argument("--episodes-per-task", type=int, required=True, help="Expert episodes run per task.")
+    parser.add_argument("--output", type=Path, required=True, help="Folder for the dataset (save_to_disk).")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
+    parser.add_argument("--camera", default=DEFAULT_CAMERA, help="Meta-World camera name.")
+    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="Steps per episode at most.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the instruction paraphrases.")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    dataset = generate_metaworld_demonstrations(
+        args.tasks, args.episodes_per_task, args.image_size, args.camera, args.max_steps, args.seed
+    )
+    wall_time = time.perf_counter() - start
+    if len(dataset) == 0:
+        raise RuntimeError(f"No episode of {args.tasks} succeeded within --max-steps={args.max_steps}; raise it.")
+    dataset.save_to_disk(str(args.output))
+    attempted = args.episodes_per_task * len(args.tasks)
+    stats = {
+        **demonstration_stats(dataset, args.tasks, args.episodes_per_task),
+        "wall_time_s": wall_time,
+        "seconds_per_episode": wall_time / attempted,
+        "settings": {
+            "image_size": args.image_size, "camera": args.camera, "max_steps": args.max_steps, "seed": args.seed,
+            "variation_seed": TRAIN_SEED, "steps_after_success": STEPS_AFTER_SUCCESS,
+        },
+    }
+    (args.output / "stats.json").write_text(json.dumps(stats, indent=2))
+    save_preview(dataset, args.output / "preview.png")
+
+    for task, task_stats in stats["tasks"].items():
+        print(
+            f"{task:<26} kept {task_stats['episodes_successful']}/{task_stats['episodes_attempted']} episodes, "
+            f"{task_stats['steps']} steps"
+        )
+    print(f"{len(dataset)} rows in {wall_time:.1f}s ({wall_time / attempted:.2f}s per episode)")
+    print(f"dataset: {args.output}\nstats: {args.output / 'stats.json'}\npreview: {args.output / 'preview.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Meta-World demonstrations and closed-loop evaluation (scripts/metaworld_*.py, scripts/evaluate_metaworld.py)."""
+
+import json
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering, before anything imports mujoco
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from conftest import make_model, make_processor  # noqa: E402
+from evaluate_metaworld import evaluate_policy_on_tasks  # noqa: E402
+from evaluate_metaworld import main as evaluate_main  # noqa: E402
+from metaworld_demos import main as demos_main  # noqa: E402
+from metaworld_env import (  # noqa: E402
+    TASK_INSTRUCTIONS,
+    TRAIN_SEED,
+    MetaWorldEnv,
+    ScriptedPolicy,
+    check_action,
+    task_variations,
+)
+
+from processing_openvla import compute_action_stats  # noqa: E402
+
+TASK = "coffee-button-v3"  # the shortest expert episodes (~35 steps)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demos") / "metaworld"
+    demos_main(["--tasks", TASK, "--episodes-per-task", "2", "--output", str(output), "--image-size", "64"])
+    return output
+
+
+def test_demonstrations_are_successful_expert_episodes(demos):
+    dataset = datasets.load_from_disk(str(demos))
+    assert dataset.column_names == ["image", "instruction", "action", "episode", "step", "task"]
+    assert set(dataset["episode"]) == {0, 1} and set(dataset["task"]) == {TASK}
+    assert set(dataset["instruction"]) <= set(TASK_INSTRUCTIONS[TASK])
+    assert dataset[0]["image"].size == (64, 64) and np.asarray(dataset[0]["image"]).std() > 10
+    stats = json.loads((demos / "stats.json").read_text())
+    assert stats["tasks"][TASK]["episodes_successful"] == 2 and stats["overall"]["steps"] == len(dataset)
+    assert len(stats["overall"]["action_stats"]["action"]["q99"]) == 4 and stats["wall_time_s"] > 0
+    assert (demos / "preview.png").exists()
+
+    episodes = np.asarray(dataset["episode"])
+    actions = np.asarray(dataset["action"], dtype=np.float32)
+    assert np.abs(actions).max() <= 1.0
+    with MetaWorldEnv(TASK, image_size=64) as env:
+        for episode, variation in enumerate(task_variations(TASK, TRAIN_SEED)[:2]):
+            rows = np.flatnonzero(episodes == episode)
+            assert list(np.asarray(dataset["step"])[rows]) == list(range(len(rows)))
+            _, obs = env.reset(variation)
+            expert, successes = ScriptedPolicy(TASK), []
+            for action in actions[rows]:  # the recorded actions are the expert's and solve the task
+                np.testing.assert_allclose(action, expert.select_action(None, "", obs), atol=1e-6)
+                _, obs, success = env.step(action, render=False)
+                successes.append(success)
+            assert successes[-1] and not successes[0]
+
+
+def test_scripted_policy_succeeds_on_held_out_variations():
+    result = evaluate_policy_on_tasks(ScriptedPolicy, [TASK], episodes_per_task=2, max_steps=80, image_size=64, progress=False)
+    assert result["success"] == {TASK: 1.0} and result["mean_success"] == 1.0
+    assert result["successes"] == {TASK: [True, True]} and 0 < result["mean_steps"][TASK] < 80
+
+
+def test_evaluator_runs_a_saved_model_end_to_end(tokenizer, tmp_path, single_thread):
+    stats = {"metaworld": compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 4)))}
+    folder = tmp_path / "model"
+    make_model(tokenizer, action_dim=4, norm_stats=stats).save_pretrained(folder)
+    make_processor(tokenizer).save_pretrained(folder)
+    output = tmp_path / "eval"
+    evaluate_main([
+        "--model", str(folder), "--tasks", TASK, "--episodes-per-task", "2", "--max-steps", "60", "--image-size", "64",
+        "--json", str(output / "eval.json"), "--plot", str(output / "eval.png"), "--strip", str(output / "eval.gif"),
+    ])
+    result = json.loads((output / "eval.json").read_text())
+    assert result["policy"] == str(folder) and set(result["success"]) == {TASK}
+    assert 0.0 <= result["mean_success"] <= 1.0 and len(result["successes"][TASK]) == 2
+    assert set(result["baselines"]) == {"random", "scripted"}
+    assert result["baselines"]["scripted"]["mean_success"] == 1.0
+    assert result["instructions"][TASK] == TASK_INSTRUCTIONS[TASK][0]
+    assert (output / "eval.png").stat().st_size > 0 and (output / "eval.gif").stat().st_size > 0
+
+
+def test_blank_frame_raises(monkeypatch):
+    with MetaWorldEnv(TASK, image_size=64) as env:
+        env.reset(task_variations(TASK, TRAIN_SEED)[0])
+        monkeypatch.setattr(env.env, "render", lambda: np.zeros((64, 64, 3), np.uint8))  # a context gone bad
+        with pytest.raises(RuntimeError, match=f"blank frame for task '{TASK}'.*MUJOCO_GL=egl"):
+            env.step(np.zeros(4))
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="known tasks are .*drawer-close-v3"):
+        MetaWorldEnv("reach-v3")
+    with pytest.raises(ValueError, match="action_dim=4"):
+        check_action(np.zeros(7))
+    with pytest.raises(ValueError, match="NaN"):
+        check_action([0.0, np.nan, 0.0, 0.0])
+    np.testing.assert_array_equal(check_action([2, -3, 0.5, 1]), [1, -1, 0.5, 1])
