@@ -52,25 +52,12 @@ from metaworld_env import (  # noqa: E402
     run_episode,
     task_variations,
 )
-from tabletop import save_episode_strip  # noqa: E402
+from tabletop import demonstration_features, save_episode_strip  # noqa: E402
 
 from processing_openvla import compute_action_stats  # noqa: E402
 
 STEPS_AFTER_SUCCESS = 3
-
-
-def demonstration_features() -> datasets.Features:
-    """The columns of `generate_metaworld_demonstrations`."""
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "instruction": datasets.Value("string"),
-            "action": datasets.List(datasets.Value("float32"), length=ACTION_DIM),
-            "episode": datasets.Value("int32"),
-            "step": datasets.Value("int32"),
-            "task": datasets.Value("string"),
-        }
-    )
+FEATURES = demonstration_features(ACTION_DIM, name_column="task")
 
 
 def generate_metaworld_demonstrations(
@@ -89,7 +76,7 @@ def generate_metaworld_demonstrations(
         raise ValueError(f"episodes_per_task={episodes_per_task!r} must be a positive integer.")
     rng = np.random.default_rng(seed)
     image_feature = datasets.Image()
-    columns: dict[str, list] = {name: [] for name in demonstration_features()}
+    columns: dict[str, list] = {name: [] for name in FEATURES}
     kept = 0
     with tqdm(total=len(tasks) * episodes_per_task, desc="demonstrations", disable=not progress) as bar:
         for task in tasks:
@@ -110,7 +97,7 @@ def generate_metaworld_demonstrations(
                         kept += 1
                     bar.update()
                     bar.set_postfix(task=task, kept=kept)
-    return datasets.Dataset.from_dict(columns, features=demonstration_features())
+    return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
 def demonstration_stats(dataset: datasets.Dataset, tasks: Sequence[str], episodes_per_task: int) -> dict[str, Any]:

@@ -374,16 +374,18 @@ def random_policy(seed: int = 0) -> Policy:
 # Demonstrations and evaluation
 
 
-def demonstration_features() -> datasets.Features:
-    """The columns of :func:`generate_demonstrations`."""
+def demonstration_features(action_dim: int = ACTION_DIM, name_column: str = "dataset_name") -> datasets.Features:
+    """The columns of a demonstration dataset (one row per step): ``image``, ``instruction``, ``action``
+    (``action_dim`` floats), ``episode``, ``step`` and a string column ``name_column`` saying where the row
+    comes from. The defaults are those of :func:`generate_demonstrations`."""
     return datasets.Features(
         {
             "image": datasets.Image(),
             "instruction": datasets.Value("string"),
-            "action": datasets.List(datasets.Value("float32"), length=ACTION_DIM),
+            "action": datasets.List(datasets.Value("float32"), length=action_dim),
             "episode": datasets.Value("int32"),
             "step": datasets.Value("int32"),
-            "dataset_name": datasets.Value("string"),
+            name_column: datasets.Value("string"),
         }
     )
 
