@@ -81,7 +81,8 @@ def vla_loss(
 class OpenVLAOutput(ModelOutput):
     """
     loss (`torch.FloatTensor`, *optional*): `vla_loss` of the action tokens, when `labels` are given.
-    logits (`torch.FloatTensor` `[batch, sequence_length, vocab_size]`): language-model logits.
+    logits (`torch.FloatTensor` `[batch, sequence_length, vocab_size]`, *optional*): language-model logits; `None` in
+        training mode with `labels` unless `logits_to_keep` is given (see `forward`).
     action_logits (`torch.FloatTensor` `[batch, action_dim, num_action_bins]`, *optional*): logits of the action bins
         at the action positions (`[batch, chunk, action_dim, num_action_bins]` for parallel decoding with chunks);
         present when the input holds action tokens (`labels`) or in parallel decoding.
@@ -605,7 +606,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
+        logits_to_keep: int | torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> OpenVLAOutput:
@@ -615,6 +616,10 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             attention_mask: `[batch, seq]`, 0 on (left) padding.
             pixel_values: `[batch, 3 or 6, image_size, image_size]`.
             labels: `[batch, seq]`, action token ids where supervised, -100 elsewhere.
+            logits_to_keep: LM logits for the last N positions (an int, 0 = all) or the given positions (a tensor).
+                `None` (default) means all positions, except in training mode with `labels`: the loss needs only
+                `action_logits`, so the `[batch, seq, vocab]` LM logits are skipped (`logits=None`), which is most
+                of a small model's training step and memory.
             num_items_in_batch: number of supervised tokens across accumulated batches and processes (the `Trainer`
                 passes it); the loss is then a sum divided by it.
 
@@ -645,7 +650,10 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.language_model.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        logits = None
+        if logits_to_keep is not None or not (self.training and labels is not None):
+            kept = hidden_states if logits_to_keep is None else slice_logits_to_keep(hidden_states, logits_to_keep)
+            logits = self.language_model.lm_head(kept)
 
         action_logits = loss = None
         batch_size = hidden_states.shape[0]

@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=processor.data_collator,
+        processing_class=processor,  # saved into every checkpoint, so a checkpoint folder loads like the final one
         compute_metrics=make_compute_metrics(processor, eval_names) if eval_dataset is not None else None,
         preprocess_logits_for_metrics=predicted_bins,
         callbacks=[EpochCallback(train_dataset)],

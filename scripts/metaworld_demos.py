@@ -10,13 +10,16 @@ episodes are kept. Each kept step is one row:
 
     image        the camera frame the expert acted on (PIL, `--image-size` square, camera `--camera`)
     instruction  one paraphrase of the task, drawn per episode with `--seed`
-    action       the 4 executed floats (dx, dy, dz, gripper), clipped to [-1, 1] as the environment clips them
+    action       the expert's 4 floats (dx, dy, dz, gripper), clipped to [-1, 1] as the environment clips them
     episode      episode id, unique across tasks (0, 1, ... over the kept episodes)
     step         step within the episode, from 0
     task         the Meta-World task name
 
 The expert and the physics are deterministic, so more than 50 episodes per task repeat trajectories (with another
-paraphrase). `DIR/stats.json` holds per-task and overall action statistics (`compute_action_stats`), episode counts
+paraphrase), unless `--action-noise` is set: the environment then executes the expert's action plus Gaussian noise of
+that standard deviation while the row keeps the expert's own action, so every episode takes its own path and the data
+shows how the expert recovers from states a little off its path (DART). Such an episode no longer replays from its
+recorded actions. `DIR/stats.json` holds per-task and overall action statistics (`compute_action_stats`), episode counts
 and the wall time; `DIR/preview.png` shows the first kept episode of every task with its instruction.
 """
 
@@ -67,10 +70,12 @@ def generate_metaworld_demonstrations(
     camera_name: str = DEFAULT_CAMERA,
     max_steps: int = DEFAULT_MAX_STEPS,
     seed: int = 0,
+    action_noise: float = 0.0,
     progress: bool = True,
 ) -> datasets.Dataset:
     """Roll out the scripted expert `episodes_per_task` times per task (see the module docstring) and return the
-    steps of the successful episodes, one row each, ordered by episode."""
+    steps of the successful episodes, one row each, ordered by episode. `seed` draws the paraphrases and the
+    execution noise of standard deviation `action_noise`."""
     tasks = check_tasks(tasks)
     if isinstance(episodes_per_task, bool) or not isinstance(episodes_per_task, int) or episodes_per_task < 1:
         raise ValueError(f"episodes_per_task={episodes_per_task!r} must be a positive integer.")
@@ -85,7 +90,10 @@ def generate_metaworld_demonstrations(
             with MetaWorldEnv(task, image_size, camera_name, max_steps) as env:
                 for index in range(episodes_per_task):
                     instruction = str(rng.choice(TASK_INSTRUCTIONS[task]))
-                    episode = run_episode(env, variations[index % len(variations)], policy, instruction, STEPS_AFTER_SUCCESS)
+                    episode = run_episode(
+                        env, variations[index % len(variations)], policy, instruction, STEPS_AFTER_SUCCESS,
+                        action_noise=action_noise, rng=rng,
+                    )
                     if episode.success:
                         for step, (image, action) in enumerate(zip(episode.images, episode.actions)):
                             columns["image"].append(image_feature.encode_example(image))
@@ -143,12 +151,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
     parser.add_argument("--camera", default=DEFAULT_CAMERA, help="Meta-World camera name.")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="Steps per episode at most.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the instruction paraphrases.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the instruction paraphrases and the noise.")
+    parser.add_argument(
+        "--action-noise", type=float, default=0.0,
+        help="Std of Gaussian noise added to the executed actions (the rows keep the expert's); 0 = none.",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     dataset = generate_metaworld_demonstrations(
-        args.tasks, args.episodes_per_task, args.image_size, args.camera, args.max_steps, args.seed
+        args.tasks, args.episodes_per_task, args.image_size, args.camera, args.max_steps, args.seed, args.action_noise
     )
     wall_time = time.perf_counter() - start
     if len(dataset) == 0:
@@ -161,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "seconds_per_episode": wall_time / attempted,
         "settings": {
             "image_size": args.image_size, "camera": args.camera, "max_steps": args.max_steps, "seed": args.seed,
-            "variation_seed": TRAIN_SEED, "steps_after_success": STEPS_AFTER_SUCCESS,
+            "action_noise": args.action_noise, "variation_seed": TRAIN_SEED, "steps_after_success": STEPS_AFTER_SUCCESS,
         },
     }
     (args.output / "stats.json").write_text(json.dumps(stats, indent=2))

@@ -255,8 +255,8 @@ class RandomPolicy:
 
 @dataclass
 class Episode:
-    """One rollout. `images[t]` is the frame the policy saw before `actions[t]`; `images` ends with the final frame
-    (empty when not recorded). `success_step` is the number of steps until `info["success"]` first turned 1."""
+    """One rollout. `images[t]` is the frame the policy saw before `actions[t]` (the policy's action; see `action_noise`
+    of `run_episode` for what was executed); `images` ends with the final frame (empty when not recorded). `success_step` is the number of steps until `info["success"]` first turned 1."""
 
     task: str
     instruction: str
@@ -280,6 +280,8 @@ def run_episode(
     instruction: str,
     steps_after_success: int | None = 0,
     record: bool = True,
+    action_noise: float = 0.0,
+    rng: np.random.Generator | None = None,
 ) -> Episode:
     """Roll `policy` out on `variation` for at most `env.max_steps` steps.
 
@@ -288,14 +290,22 @@ def run_episode(
             once, as in evaluation); `None` runs all `env.max_steps` steps.
         record: keep every frame in `Episode.images` (otherwise only the actions, and frames are rendered only for
             a policy that needs them).
+        action_noise: standard deviation of Gaussian noise (from `rng`) added to every action before it is executed
+            (clipped to [-1, 1]). `Episode.actions` keeps the policy's own actions, so an expert rolled out with noise
+            gives demonstrations of how to recover from states off its own path (DART, Laskey et al. 2017).
     """
+    if action_noise < 0:
+        raise ValueError(f"action_noise={action_noise} must be >= 0 (a standard deviation in action units).")
+    if action_noise and rng is None:
+        raise ValueError("Pass rng (a numpy Generator) with action_noise > 0, so the noise is reproducible.")
     image, obs = env.reset(variation)
     policy.reset()
     render = record or getattr(policy, "needs_image", True)
     episode = Episode(env.task_name, instruction, [image] if record else [])
     for step in range(1, env.max_steps + 1):
         action = check_action(policy.select_action(image, instruction, obs))
-        image, obs, success = env.step(action, render=render)
+        executed = action + rng.normal(0.0, action_noise, ACTION_DIM) if action_noise else action
+        image, obs, success = env.step(executed, render=render)
         episode.actions.append(action)
         if record:
             episode.images.append(image)

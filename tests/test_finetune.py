@@ -51,6 +51,18 @@ def test_cli_writes_a_hub_ready_folder(trained):
     assert metrics["train_steps"] == 8 and 0.0 <= metrics["eval_action_accuracy"] <= 1.0
 
 
+def test_a_checkpoint_folder_loads_and_predicts_like_the_final_model(trained):
+    from transformers import AutoModel, AutoProcessor
+
+    images, instruction = random_images(1), "go to the red block"
+    actions = []
+    for folder in (trained / "checkpoints" / "checkpoint-8", trained):  # the run ended at step 8
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        actions.append(model.predict_action(**processor(images=images, text=[instruction]), unnorm_key="tabletop"))
+    np.testing.assert_allclose(actions[0], actions[1], atol=1e-6)
+
+
 def test_model_card_parses_with_its_metadata(trained):
     card = ModelCard.load(trained / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "robotics"

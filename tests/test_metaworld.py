@@ -18,6 +18,7 @@ from metaworld_env import (  # noqa: E402
     MetaWorldEnv,
     ScriptedPolicy,
     check_action,
+    run_episode,
     task_variations,
 )
 
@@ -83,6 +84,22 @@ def test_evaluator_runs_a_saved_model_end_to_end(tokenizer, tmp_path, single_thr
     assert result["baselines"]["scripted"]["mean_success"] == 1.0
     assert result["instructions"][TASK] == TASK_INSTRUCTIONS[TASK][0]
     assert (output / "eval.png").stat().st_size > 0 and (output / "eval.gif").stat().st_size > 0
+
+
+def test_noisy_expert_episodes_keep_the_expert_actions():
+    noise, variation, expert = 0.3, task_variations(TASK, TRAIN_SEED)[0], ScriptedPolicy(TASK)
+    with MetaWorldEnv(TASK, image_size=64) as env:
+        clean = run_episode(env, variation, expert, "", record=False)
+        noisy = run_episode(env, variation, expert, "", record=False, action_noise=noise, rng=np.random.default_rng(7))
+        assert clean.success and noisy.success  # the expert recovers from its perturbed path
+        assert noisy.num_steps != clean.num_steps or not np.allclose(noisy.actions, clean.actions)
+
+        replay_rng, (_, obs) = np.random.default_rng(7), env.reset(variation)
+        for action in noisy.actions:  # each label is the expert's action in the state the noisy rollout reached
+            np.testing.assert_allclose(action, expert.select_action(None, "", obs), atol=1e-6)
+            _, obs, _ = env.step(action + replay_rng.normal(0.0, noise, 4), render=False)
+        with pytest.raises(ValueError, match="action_noise=-0.1 must be >= 0"):
+            run_episode(env, variation, expert, "", action_noise=-0.1, rng=np.random.default_rng(0))
 
 
 def test_blank_frame_raises(monkeypatch):

@@ -74,6 +74,21 @@ def test_forward_loss_is_vla_loss_on_the_action_tokens_only(tokenizer, processor
         model(**{**batch, "labels": bad})
 
 
+def test_training_forward_skips_the_lm_logits_unless_asked(tokenizer, processor):
+    model = make_model(tokenizer)
+    batch = processor(images=random_images(2), text=INSTRUCTIONS[:2], actions=ACTIONS[:2])
+    evaluated = model(**batch)
+    model.train()
+    trained = model(**batch)
+    assert trained.logits is None  # the loss only needs the action-bin logits
+    torch.testing.assert_close(trained.loss, evaluated.loss)
+    torch.testing.assert_close(trained.action_logits, evaluated.action_logits)
+    torch.testing.assert_close(model(**batch, logits_to_keep=0).logits, evaluated.logits)
+    assert model(**batch, logits_to_keep=1).logits.shape == (2, 1, len(tokenizer))
+    assert model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits.shape[1] == batch["input_ids"].shape[1]
+
+
+
 def test_actions_depend_on_the_image(tokenizer, processor):
     model = make_model(tokenizer)
     black, white = Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "white")
