@@ -373,6 +373,28 @@ def predicted_bins(logits, labels) -> torch.Tensor:
     return action_logits.argmax(-1)
 
 
+@torch.no_grad()
+def image_reliance(model: torch.nn.Module, dataset: torch.utils.data.Dataset, collator, num_rows: int = 64) -> float:
+    """Share of predicted action tokens that change when each of `num_rows` rows with action labels (spread over
+    `dataset`, e.g. the eval split) is given the image of the row before it, with its own instruction.
+
+    Near 0 means the model acts on the instruction alone and ignores the camera: the plateau a model trained from
+    scratch sits on before it learns to see, whatever its loss says.
+    """
+    rows = np.unique(np.linspace(0, len(dataset) - 1, min(num_rows, len(dataset))).round().astype(int))
+    if len(rows) < 2:
+        raise ValueError(f"image_reliance needs at least 2 rows to swap images between, got {len(rows)}.")
+    device = next(model.parameters()).device
+    batch = {name: value.to(device) for name, value in collator([dataset[int(row)] for row in rows]).items()}
+    swapped = {**batch, "pixel_values": batch["pixel_values"].roll(1, dims=0)}
+    was_training = model.training
+    model.eval()
+    own = model(**batch).action_logits.argmax(-1)
+    other = model(**swapped).action_logits.argmax(-1)
+    model.train(was_training)
+    return float((own != other).float().mean())
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter, to check that data-parallel processes end with identical weights."""
     digest = hashlib.sha256()
@@ -465,6 +487,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = {"train_loss": train_result.training_loss, "train_steps": trainer.state.global_step}
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
+        metrics["eval_image_reliance"] = image_reliance(trainer.model, eval_dataset, processor.data_collator)
+        if metrics["eval_image_reliance"] < 0.05:
+            logger.warning(
+                "Only %.1f%% of the predicted action tokens change when the eval rows swap images: the model acts on "
+                "the instruction and hardly uses the camera. Train longer (a model trained from scratch learns to see "
+                "late) before judging it in closed loop.", 100 * metrics["eval_image_reliance"],
+            )
     final_model = trainer.model
     fingerprints = gather_object([weights_fingerprint(final_model)])
     if trainer.is_world_process_zero():

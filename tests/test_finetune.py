@@ -47,8 +47,10 @@ def test_cli_writes_a_hub_ready_folder(trained):
     stats = config["norm_stats"]["tabletop"]["action"]
     assert set(stats) == {"mean", "std", "min", "max", "q01", "q99", "mask"} and len(stats["q01"]) == 7
     metrics = json.loads((trained / "eval_results.json").read_text())
-    assert {"eval_loss", "eval_action_accuracy", "eval_l1_normalized", "eval_l1_raw", "closed_loop_success_rate"} <= set(metrics)
+    expected = {"eval_loss", "eval_action_accuracy", "eval_l1_normalized", "eval_l1_raw", "eval_image_reliance", "closed_loop_success_rate"}
+    assert expected <= set(metrics)
     assert metrics["train_steps"] == 8 and 0.0 <= metrics["eval_action_accuracy"] <= 1.0
+    assert 0.0 <= metrics["eval_image_reliance"] <= 1.0
 
 
 def test_a_checkpoint_folder_loads_and_predicts_like_the_final_model(trained):
@@ -136,6 +138,20 @@ def test_lora_trains_only_adapters_and_lowers_the_loss(tokenizer):
     # The random tiny model's lm_head is not adapted (PEFT's all-linear leaves the output layer out), which bounds how
     # confident it can get; the drop still shows the adapters learn.
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_image_reliance_tells_a_blind_model_from_one_that_sees(tokenizer):
+    processor = make_processor(tokenizer)
+    actions = np.random.default_rng(3).uniform(-1, 1, (8, 7))
+    rows = [processor.process_example(image, "go to the red block", action) for image, action in zip(random_images(8, seed=3), actions)]
+    seeing = make_model(tokenizer)
+    assert finetune.image_reliance(seeing, rows, processor.data_collator) > 0.3
+    blind = make_model(tokenizer)
+    with torch.no_grad():
+        blind.projector.fc2.weight.zero_()  # every image becomes the same tokens
+    assert finetune.image_reliance(blind, rows, processor.data_collator) == 0.0
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        finetune.image_reliance(seeing, rows[:1], processor.data_collator)
 
 
 def test_frozen_vision_backbone_stays_fixed(tokenizer):
