@@ -618,8 +618,8 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             labels: `[batch, seq]`, action token ids where supervised, -100 elsewhere.
             logits_to_keep: LM logits for the last N positions (an int, 0 = all) or the given positions (a tensor).
                 `None` (default) means all positions, except in training mode with `labels`: the loss needs only
-                `action_logits`, so the `[batch, seq, vocab]` LM logits are skipped (`logits=None`), which is most
-                of a small model's training step and memory.
+                `action_logits`, so the `[batch, seq, vocab]` LM logits are skipped (`logits=None`), with their matmul
+                and memory (large for a 32,000-token vocabulary).
             num_items_in_batch: number of supervised tokens across accumulated batches and processes (the `Trainer`
                 passes it); the loss is then a sum divided by it.
 

@@ -255,8 +255,9 @@ class RandomPolicy:
 
 @dataclass
 class Episode:
-    """One rollout. `images[t]` is the frame the policy saw before `actions[t]` (the policy's action; see `action_noise`
-    of `run_episode` for what was executed); `images` ends with the final frame (empty when not recorded). `success_step` is the number of steps until `info["success"]` first turned 1."""
+    """One rollout. `images[t]` is the frame the policy saw before `actions[t]`, the policy's action (see `action_noise`
+    of `run_episode` for what was executed); `images` ends with the final frame (empty when not recorded).
+    `success_step` is the number of steps until `info["success"]` first turned 1."""
 
     task: str
     instruction: str
