@@ -152,7 +152,7 @@ class OpenVLAConfig(PreTrainedConfig):
     """
 
     model_type = "openvla"
-    keys_to_ignore_at_inference = ["past_key_values", "logits", "hidden_states", "attentions"]
+    keys_to_ignore_at_inference = ["cache", "logits", "hidden_states", "attentions"]
     sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2", optional=True),
         "fused_vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model", optional=True),

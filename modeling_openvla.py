@@ -86,14 +86,14 @@ class OpenVLAOutput(ModelOutput):
     action_logits (`torch.FloatTensor` `[batch, action_dim, num_action_bins]`, *optional*): logits of the action bins
         at the action positions (`[batch, chunk, action_dim, num_action_bins]` for parallel decoding with chunks);
         present when the input holds action tokens (`labels`) or in parallel decoding.
-    past_key_values (`Cache`, *optional*): KV cache of the decoder.
+    cache (`Cache`, *optional*): KV cache of the decoder.
     hidden_states, attentions: as returned by the decoder when requested.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     action_logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -437,7 +437,7 @@ class OpenVLAPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "Dinov2Layer", "Dinov2WithRegistersLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -591,7 +591,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             config=self.language_model.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=None,
+            cache=None,
             position_ids=position_ids,
             block_sequence_ids=block_ids,
         )
@@ -603,7 +603,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor | None = None,
@@ -645,7 +645,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=decoder_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache and not parallel,
             **kwargs,
         )
@@ -672,7 +672,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             action_logits=action_logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -693,15 +693,15 @@ def official_reference_predict(
         attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long)
         out = llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
         step_logits, generated = [], []
-        logits, cache = out.logits[:, -1, :].float(), out.past_key_values
+        logits, cache = out.logits[:, -1, :].float(), out.cache
         for step in range(action_dim):
             step_logits.append(logits)
             nxt = int(torch.argmax(logits, dim=-1))
             generated.append(nxt)
             if nxt == eos_id or step == action_dim - 1:  # HF generate stops at EOS / max_new_tokens
                 break
-            out = llm(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
-            logits, cache = out.logits[:, -1, :].float(), out.past_key_values
+            out = llm(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
+            logits, cache = out.logits[:, -1, :].float(), out.cache
     top2 = [torch.topk(step[0], 2).values for step in step_logits]
     margins = [float(t[0] - t[1]) for t in top2]
 
