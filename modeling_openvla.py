@@ -333,18 +333,23 @@ def _vision_tower(config, layout: str) -> PreTrainedModel:
     return TIMM_LAYOUT_TOWERS[config.model_type]._from_config(config)
 
 
+def sincos_1d_positions(positions: torch.Tensor, width: int, base: float = 10000.0) -> torch.Tensor:
+    """Sine-cosine embeddings of 1-D `positions` `[N]`: `[N, width]` (sines then cosines of `width // 2` frequencies
+    from 1 down to `1 / base` per unit; `width` even)."""
+    if width % 2:
+        raise ValueError(f"Sine-cosine embeddings need an even width, got {width}.")
+    frequencies = 1.0 / base ** (torch.arange(width // 2, dtype=torch.float32) / (width // 2))
+    angles = positions.float()[:, None] * frequencies[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 def sincos_2d_positions(grid: int, width: int) -> torch.Tensor:
     """2-D sine-cosine position embeddings of a `grid` x `grid` patch grid, row-major: `[grid * grid, width]` (x in the
     first half of the features, y in the second; `width` divisible by 4)."""
     if width % 4:
         raise ValueError(f"Sine-cosine position embeddings need a width divisible by 4, got {width}.")
-    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
-    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
-    features = []
-    for coordinate in (columns.flatten(), rows.flatten()):
-        angles = coordinate[:, None] * frequencies[None]
-        features += [angles.sin(), angles.cos()]
-    return torch.cat(features, dim=1)
+    rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([sincos_1d_positions(columns.flatten(), width // 2), sincos_1d_positions(rows.flatten(), width // 2)], dim=1)
 
 
 class OpenVLAVisionBackbone(nn.Module):
@@ -475,6 +480,26 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             else None
         )
         self.post_init()
+        self._start_with_ordinal_action_embeddings()
+
+    @torch.no_grad()
+    def _start_with_ordinal_action_embeddings(self) -> None:
+        """A model built from scratch starts with the input and output embeddings of the action tokens set to 1-D
+        sine-cosine embeddings of their bin index (frequencies from 1 down to `1 / num_action_bins` per bin, scaled to
+        the initializer's standard deviation), instead of random ones: neighbouring bins start alike and far bins
+        unlike, so a hidden state that moves a little moves the predicted bin a little, and the 256-way classification
+        starts out ordinal, as the action values are. Pretrained weights loaded later replace them. Skipped for an odd
+        decoder width."""
+        output_embeddings = self.get_output_embeddings().weight
+        if output_embeddings.device.type == "meta" or output_embeddings.shape[1] % 2:
+            return
+        tokenizer = self.action_tokenizer
+        bins = torch.arange(self.config.num_action_bins - 1, -1, -1)  # token ids ascending = bins descending
+        table = sincos_1d_positions(bins, output_embeddings.shape[1], base=self.config.num_action_bins)
+        table = table * (self.config.text_config.initializer_range * 2**0.5)
+        rows = slice(tokenizer.action_token_start, tokenizer.action_token_end)
+        for embeddings in (output_embeddings, self.get_input_embeddings().weight):
+            embeddings[rows] = table.to(embeddings.dtype)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

@@ -203,3 +203,25 @@ def test_new_dinov2_tower_starts_with_sincos_positions_and_loading_replaces_them
     assert torch.equal(reloaded.vision_backbone.featurizer.embeddings.position_embeddings, positions)
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d_positions(4, 30)
+
+
+def test_new_model_starts_with_ordinal_action_embeddings_and_loading_replaces_them(tokenizer, tmp_path):
+    from modeling_openvla import sincos_1d_positions
+
+    model = make_model(tokenizer)
+    tokenizer_ = model.action_tokenizer
+    rows = slice(tokenizer_.action_token_start, tokenizer_.action_token_end)
+    bins = model.get_output_embeddings().weight[rows].flip(0)  # bin 0 first
+    width, num_bins = bins.shape[1], model.config.num_action_bins
+    expected = sincos_1d_positions(torch.arange(num_bins), width, base=num_bins) * (model.config.text_config.initializer_range * 2**0.5)
+    torch.testing.assert_close(bins, expected)
+    torch.testing.assert_close(model.get_input_embeddings().weight[rows].flip(0), expected)
+    similarity = torch.nn.functional.cosine_similarity(bins[num_bins // 2], bins, dim=-1)
+    assert similarity[num_bins // 2 + 1] > similarity[num_bins // 2 + 10] > similarity[-1]
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)
+    model.save_pretrained(tmp_path)
+    reloaded = OpenVLAForActionPrediction.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.get_output_embeddings().weight, model.get_output_embeddings().weight)
+    with pytest.raises(ValueError, match="even width"):
+        sincos_1d_positions(torch.arange(4), 7)
