@@ -61,18 +61,18 @@ BASELINES: dict[str, Callable[[str], Policy]] = {
 
 
 class ModelPolicy:
-    """An OpenVLA model as a Meta-World policy: `OpenVLAPolicy` (action queue of `n_action_steps`, its default) on the
-    image and the instruction; the state vector is ignored."""
+    """An OpenVLA model as a Meta-World policy: `OpenVLAPolicy` on the image and the instruction (a queue of
+    `n_action_steps` actions per query, by default the whole chunk); the state vector is ignored."""
 
     needs_image = True
 
-    def __init__(self, model, processor, unnorm_key: str | None = None):
+    def __init__(self, model, processor, unnorm_key: str | None = None, n_action_steps: int | None = None):
         if model.config.action_dim != ACTION_DIM:
             raise ValueError(
                 f"The model predicts action_dim={model.config.action_dim} values but Meta-World actions have "
                 f"{ACTION_DIM} (dx, dy, dz, gripper); train it on Meta-World demonstrations (scripts/metaworld_demos.py)."
             )
-        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key)
+        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=n_action_steps)
 
     def reset(self) -> None:
         self.policy.reset()
@@ -81,21 +81,23 @@ class ModelPolicy:
         return self.policy.select_action(image, instruction)
 
 
-def load_model_policy(path: str, unnorm_key: str | None = None) -> ModelPolicy:
+def load_model_policy(path: str, unnorm_key: str | None = None, n_action_steps: int | None = None) -> ModelPolicy:
     """A `ModelPolicy` for a saved model folder or Hub id, loaded through the Auto classes."""
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(path, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    return ModelPolicy(model, processor, unnorm_key)
+    return ModelPolicy(model, processor, unnorm_key, n_action_steps)
 
 
-def policy_factory(model: str, unnorm_key: str | None = None) -> Callable[[str], Policy]:
+def policy_factory(
+    model: str, unnorm_key: str | None = None, n_action_steps: int | None = None
+) -> Callable[[str], Policy]:
     """task name -> policy: a baseline's (`scripted`, `random`) or, for a model folder or Hub id, one `ModelPolicy`
     for every task."""
     if model in BASELINES:
         return BASELINES[model]
-    policy = load_model_policy(model, unnorm_key)
+    policy = load_model_policy(model, unnorm_key, n_action_steps)
     return lambda task: policy
 
 
@@ -220,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="Write a bar plot (PNG) here.")
     parser.add_argument("--strip", type=Path, default=None, help="Write the first episode of each task here (.png or .gif).")
     parser.add_argument("--unnorm-key", default=None, help="Dataset whose action statistics unnormalise the model's actions.")
+    parser.add_argument(
+        "--n-action-steps", type=int, default=None,
+        help="Actions of each predicted chunk executed before the model is queried again (1..chunk size; default: the "
+        "whole chunk).",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="Do not run the random and scripted baselines.")
     args = parser.parse_args(argv)
 
@@ -227,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     label = args.model if args.model in BASELINES else "model"
     settings = {"tasks": args.tasks, "episodes_per_task": args.episodes_per_task, "max_steps": args.max_steps,
                 "image_size": args.image_size, "camera_name": args.camera}
-    factory = policy_factory(args.model, args.unnorm_key)
+    factory = policy_factory(args.model, args.unnorm_key, args.n_action_steps)
     results = {label: evaluate_policy_on_tasks(factory, strip_path=args.strip, desc=label, **settings)}
     if not args.no_baselines:
         for name, baseline in BASELINES.items():
@@ -238,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = {
         "policy": args.model,
         **results[label],
-        "settings": {**settings, "variation_seed": EVAL_SEED, "unnorm_key": args.unnorm_key},
+        "settings": {**settings, "variation_seed": EVAL_SEED, "unnorm_key": args.unnorm_key,
+                     "n_action_steps": args.n_action_steps},
         "baselines": {name: result for name, result in results.items() if name != label},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import make_model, make_processor  # noqa: E402
-from evaluate_metaworld import evaluate_policy_on_tasks  # noqa: E402
+from evaluate_metaworld import ModelPolicy, evaluate_policy_on_tasks  # noqa: E402
 from evaluate_metaworld import main as evaluate_main  # noqa: E402
 from metaworld_demos import main as demos_main  # noqa: E402
 from metaworld_env import (  # noqa: E402
@@ -84,6 +84,22 @@ def test_evaluator_runs_a_saved_model_end_to_end(tokenizer, tmp_path, single_thr
     assert result["baselines"]["scripted"]["mean_success"] == 1.0
     assert result["instructions"][TASK] == TASK_INSTRUCTIONS[TASK][0]
     assert (output / "eval.png").stat().st_size > 0 and (output / "eval.gif").stat().st_size > 0
+
+
+def test_chunked_model_replans_every_n_action_steps(tokenizer, single_thread):
+    stats = {"metaworld": compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 4)))}
+    model = make_model(tokenizer, action_dim=4, norm_stats=stats, action_decoding="parallel", action_chunk_size=4)
+    queries = []
+    model.register_forward_hook(lambda module, args, output: queries.append(1))
+    variation = task_variations(TASK, TRAIN_SEED)[0]
+    with MetaWorldEnv(TASK, image_size=64, max_steps=8) as env:
+        for n_action_steps, expected_queries in ((None, 2), (2, 4), (1, 8)):
+            queries.clear()
+            policy = ModelPolicy(model, make_processor(tokenizer), n_action_steps=n_action_steps)
+            episode = run_episode(env, variation, policy, TASK_INSTRUCTIONS[TASK][0])
+            assert episode.num_steps == 8 and len(queries) == expected_queries
+    with pytest.raises(ValueError, match="n_action_steps=5"):
+        ModelPolicy(model, make_processor(tokenizer), n_action_steps=5)
 
 
 def test_noisy_expert_episodes_keep_the_expert_actions():
