@@ -96,6 +96,11 @@ def policy_factory(
     """task name -> policy: a baseline's (`scripted`, `random`) or, for a model folder or Hub id, one `ModelPolicy`
     for every task."""
     if model in BASELINES:
+        if n_action_steps is not None:
+            raise ValueError(
+                f"n_action_steps={n_action_steps} applies to a model's action chunks; the {model!r} baseline acts one "
+                "step at a time. Leave --n-action-steps out for baselines."
+            )
         return BASELINES[model]
     policy = load_model_policy(model, unnorm_key, n_action_steps)
     return lambda task: policy

@@ -100,6 +100,9 @@ def test_chunked_model_replans_every_n_action_steps(tokenizer, single_thread):
             assert episode.num_steps == 8 and len(queries) == expected_queries
     with pytest.raises(ValueError, match="n_action_steps=5"):
         ModelPolicy(model, make_processor(tokenizer), n_action_steps=5)
+    with pytest.raises(ValueError, match="n_action_steps=2 applies to a model"):
+        evaluate_main(["--model", "scripted", "--tasks", TASK, "--episodes-per-task", "1", "--json", "unused.json",
+                       "--n-action-steps", "2"])
 
 
 def test_noisy_expert_episodes_keep_the_expert_actions():
