@@ -25,6 +25,7 @@ from metaworld_env import (  # noqa: E402
 from processing_openvla import compute_action_stats  # noqa: E402
 
 TASK = "coffee-button-v3"  # the shortest expert episodes (~35 steps)
+METAWORLD_STATS = {"metaworld": compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 4)))}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,8 @@ def test_scripted_policy_succeeds_on_held_out_variations():
 
 
 def test_evaluator_runs_a_saved_model_end_to_end(tokenizer, tmp_path, single_thread):
-    stats = {"metaworld": compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 4)))}
     folder = tmp_path / "model"
-    make_model(tokenizer, action_dim=4, norm_stats=stats).save_pretrained(folder)
+    make_model(tokenizer, action_dim=4, norm_stats=METAWORLD_STATS).save_pretrained(folder)
     make_processor(tokenizer).save_pretrained(folder)
     output = tmp_path / "eval"
     evaluate_main([
@@ -86,9 +86,8 @@ def test_evaluator_runs_a_saved_model_end_to_end(tokenizer, tmp_path, single_thr
     assert (output / "eval.png").stat().st_size > 0 and (output / "eval.gif").stat().st_size > 0
 
 
-def test_chunked_model_replans_every_n_action_steps(tokenizer, single_thread):
-    stats = {"metaworld": compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 4)))}
-    model = make_model(tokenizer, action_dim=4, norm_stats=stats, action_decoding="parallel", action_chunk_size=4)
+def test_chunked_model_replans_every_n_action_steps(tokenizer, tmp_path, single_thread):
+    model = make_model(tokenizer, action_dim=4, norm_stats=METAWORLD_STATS, action_decoding="parallel", action_chunk_size=4)
     queries = []
     model.register_forward_hook(lambda module, args, output: queries.append(1))
     variation = task_variations(TASK, TRAIN_SEED)[0]
@@ -101,8 +100,9 @@ def test_chunked_model_replans_every_n_action_steps(tokenizer, single_thread):
     with pytest.raises(ValueError, match="n_action_steps=5"):
         ModelPolicy(model, make_processor(tokenizer), n_action_steps=5)
     with pytest.raises(ValueError, match="n_action_steps=2 applies to a model"):
-        evaluate_main(["--model", "scripted", "--tasks", TASK, "--episodes-per-task", "1", "--json", "unused.json",
+        evaluate_main(["--model", "scripted", "--tasks", TASK, "--episodes-per-task", "1", "--json", str(tmp_path / "eval.json"),
                        "--n-action-steps", "2"])
+    assert not (tmp_path / "eval.json").exists()
 
 
 def test_noisy_expert_episodes_keep_the_expert_actions():

@@ -209,8 +209,8 @@ def test_new_model_starts_with_ordinal_action_embeddings_and_loading_replaces_th
     from modeling_openvla import sincos_1d_positions
 
     model = make_model(tokenizer)
-    tokenizer_ = model.action_tokenizer
-    rows = slice(tokenizer_.action_token_start, tokenizer_.action_token_end)
+    action_tokenizer = model.action_tokenizer
+    rows = slice(action_tokenizer.action_token_start, action_tokenizer.action_token_end)
     bins = model.get_output_embeddings().weight[rows].flip(0)  # bin 0 first
     width, num_bins = bins.shape[1], model.config.num_action_bins
     expected = sincos_1d_positions(torch.arange(num_bins), width, base=num_bins) * (model.config.text_config.initializer_range * 2**0.5)
