@@ -3,8 +3,9 @@
     python scripts/metaworld_demos.py --tasks button-press-topdown-v3 drawer-close-v3 coffee-button-v3 \\
         --episodes-per-task 50 --output data/metaworld
 
-Episode `i` of a task runs the task's scripted expert on training variation `i % 50` (`MT1(task, seed=0)`; the
-evaluator holds out the variations of seed 1). An episode stops `STEPS_AFTER_SUCCESS` steps after the environment
+Episode `i` of a task runs the task's scripted expert on training variation `i % V`, where the `V = 50 * S`
+variations are those of the `S` seeds of `--variation-seeds` (default `0`: `MT1(task, seed=0).train_tasks`), in order;
+seed 1 is refused, the evaluator holds out its variations. An episode stops `STEPS_AFTER_SUCCESS` steps after the environment
 first reports success, so the data shows the finished state briefly, or after `--max-steps` steps; only successful
 episodes are kept. Each kept step is one row:
 
@@ -46,6 +47,7 @@ from metaworld_env import (  # noqa: E402
     DEFAULT_CAMERA,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_STEPS,
+    EVAL_SEED,
     KNOWN_TASKS,
     TASK_INSTRUCTIONS,
     TRAIN_SEED,
@@ -71,12 +73,15 @@ def generate_metaworld_demonstrations(
     max_steps: int = DEFAULT_MAX_STEPS,
     seed: int = 0,
     action_noise: float = 0.0,
+    variation_seeds: Sequence[int] = (TRAIN_SEED,),
     progress: bool = True,
 ) -> datasets.Dataset:
     """Roll out the scripted expert `episodes_per_task` times per task (see the module docstring) and return the
     steps of the successful episodes, one row each, ordered by episode. `seed` draws the paraphrases and the
-    execution noise of standard deviation `action_noise`."""
+    execution noise of standard deviation `action_noise`; `variation_seeds` are the Meta-World seeds whose 50
+    variations each the episodes cycle through."""
     tasks = check_tasks(tasks)
+    variation_seeds = check_variation_seeds(variation_seeds)
     if isinstance(episodes_per_task, bool) or not isinstance(episodes_per_task, int) or episodes_per_task < 1:
         raise ValueError(f"episodes_per_task={episodes_per_task!r} must be a positive integer.")
     rng = np.random.default_rng(seed)
@@ -85,7 +90,7 @@ def generate_metaworld_demonstrations(
     kept = 0
     with tqdm(total=len(tasks) * episodes_per_task, desc="demonstrations", disable=not progress) as bar:
         for task in tasks:
-            variations = task_variations(task, TRAIN_SEED)
+            variations = [variation for seed in variation_seeds for variation in task_variations(task, seed)]
             policy = ScriptedPolicy(task)
             with MetaWorldEnv(task, image_size, camera_name, max_steps) as env:
                 for index in range(episodes_per_task):
@@ -106,6 +111,21 @@ def generate_metaworld_demonstrations(
                     bar.update()
                     bar.set_postfix(task=task, kept=kept)
     return datasets.Dataset.from_dict(columns, features=FEATURES)
+
+
+def check_variation_seeds(variation_seeds: Sequence[int]) -> list[int]:
+    """Checks the seeds of the training variations: distinct integers, none of them the evaluator's `EVAL_SEED`."""
+    seeds = list(variation_seeds)
+    if not seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
+        raise ValueError(f"variation_seeds={variation_seeds!r} must be a non-empty list of integers, e.g. [0, 2].")
+    if EVAL_SEED in seeds:
+        raise ValueError(
+            f"variation_seeds={seeds} contains {EVAL_SEED}, the seed of the held-out evaluation variations; "
+            "drop it (use e.g. 0, 2, 3)."
+        )
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"variation_seeds={seeds} repeats a seed; give each seed once.")
+    return seeds
 
 
 def demonstration_stats(dataset: datasets.Dataset, tasks: Sequence[str], episodes_per_task: int) -> dict[str, Any]:
@@ -156,11 +176,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--action-noise", type=float, default=0.0,
         help="Std of Gaussian noise added to the executed actions (the rows keep the expert's); 0 = none.",
     )
+    parser.add_argument(
+        "--variation-seeds", type=int, nargs="+", default=[TRAIN_SEED],
+        help=f"Meta-World seeds whose 50 variations each the episodes cycle through (not {EVAL_SEED}, the held-out one).",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     dataset = generate_metaworld_demonstrations(
-        args.tasks, args.episodes_per_task, args.image_size, args.camera, args.max_steps, args.seed, args.action_noise
+        args.tasks, args.episodes_per_task, args.image_size, args.camera, args.max_steps, args.seed, args.action_noise,
+        args.variation_seeds,
     )
     wall_time = time.perf_counter() - start
     if len(dataset) == 0:
@@ -173,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "seconds_per_episode": wall_time / attempted,
         "settings": {
             "image_size": args.image_size, "camera": args.camera, "max_steps": args.max_steps, "seed": args.seed,
-            "action_noise": args.action_noise, "variation_seed": TRAIN_SEED, "steps_after_success": STEPS_AFTER_SUCCESS,
+            "action_noise": args.action_noise, "variation_seeds": args.variation_seeds, "steps_after_success": STEPS_AFTER_SUCCESS,
         },
     }
     (args.output / "stats.json").write_text(json.dumps(stats, indent=2))

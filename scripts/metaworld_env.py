@@ -7,9 +7,9 @@ policies) and a third-party success judge (`info["success"]` of `env.step`). Thi
 Conventions:
 
 * A *variation* is a Meta-World `Task`: one placement of the task's objects and goal. Every task has 50 of them per
-  seed, `metaworld.MT1(name, seed=seed).train_tasks`. Demonstrations use `TRAIN_SEED` (0) and evaluation `EVAL_SEED`
-  (1), so held-out placements are not training ones. Meta-World ignores `reset(seed=...)`: the placement comes from
-  `set_task`, and the scripted expert and the physics are deterministic.
+  seed, `metaworld.MT1(name, seed=seed).train_tasks`. Demonstrations use `TRAIN_SEED` (0) by default (or any other
+  seeds but 1) and evaluation `EVAL_SEED` (1), so held-out placements are not training ones. Meta-World ignores
+  `reset(seed=...)`: the placement comes from `set_task`, and the scripted expert and the physics are deterministic.
 * Images are RGB, `image_size` x `image_size`, from the camera `corner2` (a view of the whole table). Meta-World's
   corner cameras are mounted rolled by 180 degrees, so frames are rotated back upright. They are rendered without
   shadows, reflections or anti-aliasing, which takes ~15 ms per 128 px frame instead of ~140 ms on a CPU.

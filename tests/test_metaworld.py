@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 from conftest import make_model, make_processor  # noqa: E402
 from evaluate_metaworld import ModelPolicy, evaluate_policy_on_tasks  # noqa: E402
 from evaluate_metaworld import main as evaluate_main  # noqa: E402
+from metaworld_demos import generate_metaworld_demonstrations  # noqa: E402
 from metaworld_demos import main as demos_main  # noqa: E402
 from metaworld_env import (  # noqa: E402
     TASK_INSTRUCTIONS,
@@ -60,6 +61,17 @@ def test_demonstrations_are_successful_expert_episodes(demos):
                 _, obs, success = env.step(action, render=False)
                 successes.append(success)
             assert successes[-1] and not successes[0]
+
+
+def test_demonstrations_use_the_variations_of_the_given_seeds():
+    dataset = generate_metaworld_demonstrations([TASK], 1, image_size=64, variation_seeds=[2], progress=False)
+    with MetaWorldEnv(TASK, image_size=64) as env:
+        first_frames = [env.reset(task_variations(TASK, seed)[0])[0] for seed in (2, TRAIN_SEED)]
+    np.testing.assert_array_equal(np.asarray(dataset[0]["image"]), np.asarray(first_frames[0]))
+    assert not np.array_equal(np.asarray(first_frames[0]), np.asarray(first_frames[1]))
+    for seeds, message in (([0, 1], "contains 1, the seed of the held-out"), ([0, 0], "repeats a seed"), ([], "non-empty")):
+        with pytest.raises(ValueError, match=message):
+            generate_metaworld_demonstrations([TASK], 1, variation_seeds=seeds, progress=False)
 
 
 def test_scripted_policy_succeeds_on_held_out_variations():
