@@ -4,10 +4,10 @@
         --episodes-per-task 50 --output data/metaworld
 
 Episode `i` of a task runs the task's scripted expert on training variation `i % V`, where the `V = 50 * S`
-variations are those of the `S` seeds of `--variation-seeds` (default `0`: `MT1(task, seed=0).train_tasks`), in order;
-seed 1 is refused, the evaluator holds out its variations. An episode stops `STEPS_AFTER_SUCCESS` steps after the environment
-first reports success, so the data shows the finished state briefly, or after `--max-steps` steps; only successful
-episodes are kept. Each kept step is one row:
+variations are those of the `S` seeds of `--variation-seeds` (default `0`: `MT1(task, seed=0).train_tasks`), in
+order; seed 1 is refused, because the evaluator holds out its variations. An episode stops `STEPS_AFTER_SUCCESS` steps
+after the environment first reports success, so the data shows the finished state briefly, or after `--max-steps`
+steps; only successful episodes are kept. Each kept step is one row:
 
     image        the camera frame the expert acted on (PIL, `--image-size` square, camera `--camera`)
     instruction  one paraphrase of the task, drawn per episode with `--seed`
@@ -78,8 +78,8 @@ def generate_metaworld_demonstrations(
 ) -> datasets.Dataset:
     """Roll out the scripted expert `episodes_per_task` times per task (see the module docstring) and return the
     steps of the successful episodes, one row each, ordered by episode. `seed` draws the paraphrases and the
-    execution noise of standard deviation `action_noise`; `variation_seeds` are the Meta-World seeds whose 50
-    variations each the episodes cycle through."""
+    execution noise of standard deviation `action_noise`; the episodes cycle through the 50 variations of each
+    Meta-World seed in `variation_seeds`."""
     tasks = check_tasks(tasks)
     variation_seeds = check_variation_seeds(variation_seeds)
     if isinstance(episodes_per_task, bool) or not isinstance(episodes_per_task, int) or episodes_per_task < 1:
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--variation-seeds", type=int, nargs="+", default=[TRAIN_SEED],
-        help=f"Meta-World seeds whose 50 variations each the episodes cycle through (not {EVAL_SEED}, the held-out one).",
+        help=f"Meta-World seeds; the episodes cycle through the 50 variations of each (not {EVAL_SEED}, the held-out seed).",
     )
     args = parser.parse_args(argv)
 
