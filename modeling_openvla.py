@@ -11,6 +11,7 @@ Official OpenVLA checkpoints (timm vision towers) load directly: with `config.vi
 on load by the weight conversions registered below with `register_checkpoint_conversion_mapping`.
 """
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -784,11 +785,18 @@ class OpenVLAPolicy:
     policies do with `select_action`. Several environments stepped together (`select_actions`) share one batched
     model call per re-plan and keep one queue each.
 
+    With `temporal_ensemble_coeff` (ACT's temporal ensembling, Zhao et al. 2023) the model is queried at every step
+    instead, and the action executed is the weighted mean of what the last `action_chunk_size` chunks predicted for
+    this step: weight `exp(-temporal_ensemble_coeff * i)` for the `i`-th oldest prediction, so 0 is a plain mean, a
+    positive value favours the older predictions and a negative one the newer.
+
     Args:
         model: an `OpenVLAForActionPrediction` (put it in eval mode and on its device first).
         processor: the model's `OpenVLAProcessor`.
         unnorm_key: dataset whose statistics unnormalise the actions (see `predict_action`); checked here.
-        n_action_steps: actions executed per model query, in `1..action_chunk_size`; defaults to `action_chunk_size`.
+        n_action_steps: actions executed per model query, in `1..action_chunk_size`; defaults to `action_chunk_size`,
+            or to 1 with `temporal_ensemble_coeff`.
+        temporal_ensemble_coeff: if set, a finite float: average overlapping chunks as described above.
 
     Example:
         ```python
@@ -806,8 +814,20 @@ class OpenVLAPolicy:
         processor,
         unnorm_key: str | None = None,
         n_action_steps: int | None = None,
+        temporal_ensemble_coeff: float | None = None,
     ):
         chunk_size = model.config.action_chunk_size
+        if temporal_ensemble_coeff is not None:
+            if isinstance(temporal_ensemble_coeff, bool) or not isinstance(temporal_ensemble_coeff, (int, float)) or (
+                not math.isfinite(temporal_ensemble_coeff)
+            ):
+                raise ValueError(f"temporal_ensemble_coeff={temporal_ensemble_coeff!r} must be a finite number (or None).")
+            if n_action_steps not in (None, 1):
+                raise ValueError(
+                    f"n_action_steps={n_action_steps!r} cannot be combined with temporal_ensemble_coeff: temporal "
+                    "ensembling queries the model at every step; leave n_action_steps out."
+                )
+            n_action_steps = 1
         if n_action_steps is None:
             n_action_steps = chunk_size
         if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int) or not 1 <= n_action_steps <= chunk_size:
@@ -820,6 +840,8 @@ class OpenVLAPolicy:
         self.processor = processor
         self.unnorm_key = unnorm_key
         self.n_action_steps = n_action_steps
+        self.temporal_ensemble_coeff = temporal_ensemble_coeff
+        # One deque per environment: the actions still to execute, or with temporal ensembling the last chunks.
         self._queues: list[deque] = []
 
     @property
@@ -857,19 +879,34 @@ class OpenVLAPolicy:
                 f"Got {len(images)} images and {len(instructions)} instructions; pass one (image, instruction) per "
                 "environment."
             )
+        ensembling = self.temporal_ensemble_coeff is not None
         if not self._queues:
-            self._queues = [deque() for _ in images]
+            self._queues = [deque(maxlen=self.chunk_size if ensembling else None) for _ in images]
         elif len(self._queues) != len(images):
             raise ValueError(
                 f"Got {len(images)} environments but the policy holds action queues for {len(self._queues)}; call "
                 "reset() when the number of environments changes."
             )
-        stale = [env_id for env_id, queue in enumerate(self._queues) if not queue]
+        stale = [env_id for env_id, queue in enumerate(self._queues) if ensembling or not queue]
         if stale:
             chunks = self._plan([images[i] for i in stale], [instructions[i] for i in stale])
             for env_id, chunk in zip(stale, chunks, strict=True):
-                self._queues[env_id].extend(chunk[: self.n_action_steps])
+                if ensembling:
+                    self._queues[env_id].append(chunk)
+                else:
+                    self._queues[env_id].extend(chunk[: self.n_action_steps])
+        if ensembling:
+            return np.stack([self._ensemble(chunks) for chunks in self._queues])
         return np.stack([queue.popleft() for queue in self._queues])
+
+    def _ensemble(self, chunks: deque) -> np.ndarray:
+        """The last `n` chunks of one environment, oldest first, each `[chunk_size, action_dim]` -> the weighted mean
+        of their predictions for the current step, float32 `[action_dim]` (chunk `i` was planned `n - 1 - i` steps
+        ago, so its action `n - 1 - i` is the one for now)."""
+        count = len(chunks)
+        predictions = np.stack([chunk[count - 1 - i] for i, chunk in enumerate(chunks)])
+        weights = np.exp(-self.temporal_ensemble_coeff * np.arange(count))
+        return (weights @ predictions / weights.sum()).astype(np.float32)
 
     def _plan(self, images: list, instructions: list[str]) -> np.ndarray:
         """One `predict_action` call -> float32 `[B, chunk_size, action_dim]` (`chunk_size` 1 without chunks)."""

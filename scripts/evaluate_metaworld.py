@@ -9,7 +9,8 @@ variations, judged by Meta-World's own success signal.
 `scripted` / `random`. Episode `i` of a task runs on held-out variation `i % 50` (`MT1(task, seed=1)`; the
 demonstrations use seed 0) for at most `--max-steps` steps and succeeds as soon as the environment reports
 `info["success"]`. The model gets the task's canonical instruction (the first paraphrase) and acts through
-`OpenVLAPolicy`, which executes `n_action_steps` actions of a chunk before re-planning. Unless `--no-baselines`, the
+`OpenVLAPolicy`, which executes `n_action_steps` actions of a chunk before re-planning (or, with
+`--temporal-ensemble-coeff`, re-plans at every step and averages the overlapping chunks). Unless `--no-baselines`, the
 random policy and the scripted expert run on the same variations, side by side in the table and the JSON.
 
 JSON: the evaluated policy's `success` (per task), `mean_success`, `mean_steps`, `successes` (per episode) at the top
@@ -62,17 +63,27 @@ BASELINES: dict[str, Callable[[str], Policy]] = {
 
 class ModelPolicy:
     """An OpenVLA model as a Meta-World policy: `OpenVLAPolicy` on the image and the instruction (a queue of
-    `n_action_steps` actions per query, by default the whole chunk); the state vector is ignored."""
+    `n_action_steps` actions per query, by default the whole chunk, or with `temporal_ensemble_coeff` a query at
+    every step and the overlapping chunks averaged); the state vector is ignored."""
 
     needs_image = True
 
-    def __init__(self, model, processor, unnorm_key: str | None = None, n_action_steps: int | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        unnorm_key: str | None = None,
+        n_action_steps: int | None = None,
+        temporal_ensemble_coeff: float | None = None,
+    ):
         if model.config.action_dim != ACTION_DIM:
             raise ValueError(
                 f"The model predicts action_dim={model.config.action_dim} values but Meta-World actions have "
                 f"{ACTION_DIM} (dx, dy, dz, gripper); train it on Meta-World demonstrations (scripts/metaworld_demos.py)."
             )
-        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=n_action_steps)
+        self.policy = OpenVLAPolicy(
+            model.eval(), processor, unnorm_key, n_action_steps=n_action_steps, temporal_ensemble_coeff=temporal_ensemble_coeff
+        )
 
     def reset(self) -> None:
         self.policy.reset()
@@ -81,28 +92,34 @@ class ModelPolicy:
         return self.policy.select_action(image, instruction)
 
 
-def load_model_policy(path: str, unnorm_key: str | None = None, n_action_steps: int | None = None) -> ModelPolicy:
+def load_model_policy(
+    path: str, unnorm_key: str | None = None, n_action_steps: int | None = None, temporal_ensemble_coeff: float | None = None
+) -> ModelPolicy:
     """A `ModelPolicy` for a saved model folder or Hub id, loaded through the Auto classes."""
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(path, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    return ModelPolicy(model, processor, unnorm_key, n_action_steps)
+    return ModelPolicy(model, processor, unnorm_key, n_action_steps, temporal_ensemble_coeff)
 
 
 def policy_factory(
-    model: str, unnorm_key: str | None = None, n_action_steps: int | None = None
+    model: str,
+    unnorm_key: str | None = None,
+    n_action_steps: int | None = None,
+    temporal_ensemble_coeff: float | None = None,
 ) -> Callable[[str], Policy]:
     """task name -> policy: a baseline's (`scripted`, `random`) or, for a model folder or Hub id, one `ModelPolicy`
     for every task."""
     if model in BASELINES:
-        if n_action_steps is not None:
-            raise ValueError(
-                f"n_action_steps={n_action_steps} applies to a model's action chunks; the {model!r} baseline acts one "
-                "step at a time. Leave --n-action-steps out for baselines."
-            )
+        for name, value in (("n_action_steps", n_action_steps), ("temporal_ensemble_coeff", temporal_ensemble_coeff)):
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value} applies to a model's action chunks; the {model!r} baseline acts one step at a "
+                    f"time. Leave --{name.replace('_', '-')} out for baselines."
+                )
         return BASELINES[model]
-    policy = load_model_policy(model, unnorm_key, n_action_steps)
+    policy = load_model_policy(model, unnorm_key, n_action_steps, temporal_ensemble_coeff)
     return lambda task: policy
 
 
@@ -232,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="Actions of each predicted chunk executed before the model is queried again (1..chunk size; default: the "
         "whole chunk).",
     )
+    parser.add_argument(
+        "--temporal-ensemble-coeff", type=float, default=None,
+        help="Query the model at every step and execute the weighted mean of the overlapping chunks' actions for that "
+        "step, weight exp(-coeff * i) for the i-th oldest (ACT's temporal ensembling; 0 = plain mean).",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="Do not run the random and scripted baselines.")
     args = parser.parse_args(argv)
 
@@ -239,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     label = args.model if args.model in BASELINES else "model"
     settings = {"tasks": args.tasks, "episodes_per_task": args.episodes_per_task, "max_steps": args.max_steps,
                 "image_size": args.image_size, "camera_name": args.camera}
-    factory = policy_factory(args.model, args.unnorm_key, args.n_action_steps)
+    factory = policy_factory(args.model, args.unnorm_key, args.n_action_steps, args.temporal_ensemble_coeff)
     results = {label: evaluate_policy_on_tasks(factory, strip_path=args.strip, desc=label, **settings)}
     if not args.no_baselines:
         for name, baseline in BASELINES.items():
@@ -251,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "policy": args.model,
         **results[label],
         "settings": {**settings, "variation_seed": EVAL_SEED, "unnorm_key": args.unnorm_key,
-                     "n_action_steps": args.n_action_steps},
+                     "n_action_steps": args.n_action_steps, "temporal_ensemble_coeff": args.temporal_ensemble_coeff},
         "baselines": {name: result for name, result in results.items() if name != label},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -173,3 +173,47 @@ def test_unnorm_key(processor, images):
     policy = OpenVLAPolicy(model, processor, unnorm_key="robot_b")
     expected = reference_chunk(model, processor, images[:1], INSTRUCTIONS[:1], unnorm_key="robot_b")[0, 0]
     np.testing.assert_array_equal(policy.select_action(images[0], INSTRUCTIONS[0]), expected)
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.5, -1.0])
+def test_temporal_ensembling_averages_overlapping_chunks(processor, images, coeff):
+    """Each step re-plans; the action for step t is the weighted mean of what the chunks planned at steps t-3..t said
+    about step t, the oldest weighted exp(0), the next exp(-coeff), and so on."""
+    model = make_model(processor)
+    observations = [0, 1, 2, 0, 1, 2]  # the image and instruction seen at each step
+    plans = [reference_chunk(model, processor, [images[i]], [INSTRUCTIONS[i]])[0] for i in observations]
+    counter = CallCounter(model)
+    policy = OpenVLAPolicy(model, processor, temporal_ensemble_coeff=coeff)
+    assert policy.n_action_steps == 1
+
+    for step, i in enumerate(observations):
+        action = policy.select_action(images[i], INSTRUCTIONS[i])
+        assert counter.calls == step + 1 and action.shape == (7,) and action.dtype == np.float32
+        planned_at = range(max(0, step - CHUNK + 1), step + 1)  # oldest first
+        predictions = np.stack([plans[start][step - start] for start in planned_at])
+        weights = np.exp(-coeff * np.arange(len(predictions)))[:, None]
+        np.testing.assert_allclose(action, (weights * predictions).sum(0) / weights.sum(), rtol=1e-5, atol=1e-6)
+
+    policy.reset()
+    np.testing.assert_allclose(policy.select_action(images[2], INSTRUCTIONS[2]), plans[2][0], atol=1e-6)
+
+
+def test_temporal_ensembling_per_environment_reset(processor, images):
+    model = make_model(processor)
+    chunks = reference_chunk(model, processor, images, INSTRUCTIONS)  # [3, CHUNK, 7]
+    policy = OpenVLAPolicy(model, processor, temporal_ensemble_coeff=0.0)
+    policy.select_actions(images, INSTRUCTIONS)
+    policy.reset(env_ids=[1])
+    step = policy.select_actions(images, INSTRUCTIONS)
+    np.testing.assert_allclose(step[1], chunks[1, 0], atol=1e-6)  # a new episode: only its own first plan
+    np.testing.assert_allclose(step[[0, 2]], (chunks[[0, 2], 0] + chunks[[0, 2], 1]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(temporal_ensemble_coeff=float("nan")), "temporal_ensemble_coeff=nan"),
+    (dict(temporal_ensemble_coeff="0.1"), "temporal_ensemble_coeff='0.1'"),
+    (dict(temporal_ensemble_coeff=0.1, n_action_steps=2), "n_action_steps=2 cannot be combined"),
+])
+def test_bad_temporal_ensembling(processor, options, match):
+    with pytest.raises(ValueError, match=match):
+        OpenVLAPolicy(make_model(processor), processor, **options)
