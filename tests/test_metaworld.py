@@ -98,15 +98,16 @@ def test_evaluator_runs_a_saved_model_end_to_end(tokenizer, tmp_path, single_thr
     assert (output / "eval.png").stat().st_size > 0 and (output / "eval.gif").stat().st_size > 0
 
 
-def test_chunked_model_replans_every_n_action_steps(tokenizer, tmp_path, single_thread):
+def test_chunked_model_replans_every_n_action_steps_or_every_step_when_ensembling(tokenizer, tmp_path, single_thread):
     model = make_model(tokenizer, action_dim=4, norm_stats=METAWORLD_STATS, action_decoding="parallel", action_chunk_size=4)
     queries = []
     model.register_forward_hook(lambda module, args, output: queries.append(1))
     variation = task_variations(TASK, TRAIN_SEED)[0]
     with MetaWorldEnv(TASK, image_size=64, max_steps=8) as env:
-        for n_action_steps, expected_queries in ((None, 2), (2, 4), (1, 8)):
+        for options, expected_queries in (({}, 2), ({"n_action_steps": 2}, 4), ({"n_action_steps": 1}, 8),
+                                          ({"temporal_ensemble_coeff": 0.0}, 8)):
             queries.clear()
-            policy = ModelPolicy(model, make_processor(tokenizer), n_action_steps=n_action_steps)
+            policy = ModelPolicy(model, make_processor(tokenizer), **options)
             episode = run_episode(env, variation, policy, TASK_INSTRUCTIONS[TASK][0])
             assert episode.num_steps == 8 and len(queries) == expected_queries
     with pytest.raises(ValueError, match="n_action_steps=5"):
@@ -114,6 +115,9 @@ def test_chunked_model_replans_every_n_action_steps(tokenizer, tmp_path, single_
     with pytest.raises(ValueError, match="n_action_steps=2 applies to a model"):
         evaluate_main(["--model", "scripted", "--tasks", TASK, "--episodes-per-task", "1", "--json", str(tmp_path / "eval.json"),
                        "--n-action-steps", "2"])
+    with pytest.raises(ValueError, match="temporal_ensemble_coeff=0.1 applies to a model"):
+        evaluate_main(["--model", "random", "--tasks", TASK, "--episodes-per-task", "1", "--json", str(tmp_path / "eval.json"),
+                       "--temporal-ensemble-coeff", "0.1"])
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -149,3 +153,18 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="NaN"):
         check_action([0.0, np.nan, 0.0, 0.0])
     np.testing.assert_array_equal(check_action([2, -3, 0.5, 1]), [1, -1, 0.5, 1])
+
+
+def test_topview_close_camera_magnifies_the_workspace():
+    """The derived camera sees the same scene as `topview`, narrowed to the workspace: the button box is larger."""
+    variation = task_variations("button-press-topdown-v3", TRAIN_SEED)[0]
+    yellow_pixels = {}
+    for camera in ("topview", "topview_close"):
+        with MetaWorldEnv("button-press-topdown-v3", image_size=64, camera_name=camera) as env:
+            frame = np.asarray(env.reset(variation)[0]).astype(int)
+        yellow_pixels[camera] = int(((frame[..., 0] > 180) & (frame[..., 1] > 140) & (frame[..., 2] < 90)).sum())
+    assert yellow_pixels["topview"] > 20
+    # 45 -> 30 degrees of field of view: tan(22.5) / tan(15) = 1.55 times wider, 2.4 times the area
+    assert 1.8 < yellow_pixels["topview_close"] / yellow_pixels["topview"] < 3.2
+    with pytest.raises(ValueError, match="'topview_close'"):
+        MetaWorldEnv("button-press-topdown-v3", camera_name="overhead")
