@@ -68,22 +68,13 @@ class ModelPolicy:
 
     needs_image = True
 
-    def __init__(
-        self,
-        model,
-        processor,
-        unnorm_key: str | None = None,
-        n_action_steps: int | None = None,
-        temporal_ensemble_coeff: float | None = None,
-    ):
+    def __init__(self, model, processor, unnorm_key: str | None = None, **policy_options: Any):
         if model.config.action_dim != ACTION_DIM:
             raise ValueError(
                 f"The model predicts action_dim={model.config.action_dim} values but Meta-World actions have "
                 f"{ACTION_DIM} (dx, dy, dz, gripper); train it on Meta-World demonstrations (scripts/metaworld_demos.py)."
             )
-        self.policy = OpenVLAPolicy(
-            model.eval(), processor, unnorm_key, n_action_steps=n_action_steps, temporal_ensemble_coeff=temporal_ensemble_coeff
-        )
+        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, **policy_options)
 
     def reset(self) -> None:
         self.policy.reset()
@@ -92,34 +83,28 @@ class ModelPolicy:
         return self.policy.select_action(image, instruction)
 
 
-def load_model_policy(
-    path: str, unnorm_key: str | None = None, n_action_steps: int | None = None, temporal_ensemble_coeff: float | None = None
-) -> ModelPolicy:
-    """A `ModelPolicy` for a saved model folder or Hub id, loaded through the Auto classes."""
+def load_model_policy(path: str, unnorm_key: str | None = None, **policy_options: Any) -> ModelPolicy:
+    """A `ModelPolicy` for a saved model folder or Hub id, loaded through the Auto classes; `policy_options` go to
+    `OpenVLAPolicy` (`n_action_steps`, `temporal_ensemble_coeff`)."""
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(path, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    return ModelPolicy(model, processor, unnorm_key, n_action_steps, temporal_ensemble_coeff)
+    return ModelPolicy(model, processor, unnorm_key, **policy_options)
 
 
-def policy_factory(
-    model: str,
-    unnorm_key: str | None = None,
-    n_action_steps: int | None = None,
-    temporal_ensemble_coeff: float | None = None,
-) -> Callable[[str], Policy]:
+def policy_factory(model: str, unnorm_key: str | None = None, **policy_options: Any) -> Callable[[str], Policy]:
     """task name -> policy: a baseline's (`scripted`, `random`) or, for a model folder or Hub id, one `ModelPolicy`
-    for every task."""
+    for every task. `policy_options` set to anything but `None` are refused for the baselines."""
     if model in BASELINES:
-        for name, value in (("n_action_steps", n_action_steps), ("temporal_ensemble_coeff", temporal_ensemble_coeff)):
+        for name, value in policy_options.items():
             if value is not None:
                 raise ValueError(
                     f"{name}={value} applies to a model's action chunks; the {model!r} baseline acts one step at a "
                     f"time. Leave --{name.replace('_', '-')} out for baselines."
                 )
         return BASELINES[model]
-    policy = load_model_policy(model, unnorm_key, n_action_steps, temporal_ensemble_coeff)
+    policy = load_model_policy(model, unnorm_key, **policy_options)
     return lambda task: policy
 
 
@@ -261,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     label = args.model if args.model in BASELINES else "model"
     settings = {"tasks": args.tasks, "episodes_per_task": args.episodes_per_task, "max_steps": args.max_steps,
                 "image_size": args.image_size, "camera_name": args.camera}
-    factory = policy_factory(args.model, args.unnorm_key, args.n_action_steps, args.temporal_ensemble_coeff)
+    policy_options = {"n_action_steps": args.n_action_steps, "temporal_ensemble_coeff": args.temporal_ensemble_coeff}
+    factory = policy_factory(args.model, args.unnorm_key, **policy_options)
     results = {label: evaluate_policy_on_tasks(factory, strip_path=args.strip, desc=label, **settings)}
     if not args.no_baselines:
         for name, baseline in BASELINES.items():
@@ -272,8 +258,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = {
         "policy": args.model,
         **results[label],
-        "settings": {**settings, "variation_seed": EVAL_SEED, "unnorm_key": args.unnorm_key,
-                     "n_action_steps": args.n_action_steps, "temporal_ensemble_coeff": args.temporal_ensemble_coeff},
+        "settings": {**settings, "variation_seed": EVAL_SEED, "unnorm_key": args.unnorm_key, **policy_options},
         "baselines": {name: result for name, result in results.items() if name != label},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
