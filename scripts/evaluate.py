@@ -10,6 +10,7 @@ expert's and a random policy's.
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tabletop import evaluate_policy, expert_policy, random_policy  # noqa: E402
+from tabletop import TASK_KINDS, evaluate_policy, expert_policy, random_policy  # noqa: E402
 
 from modeling_openvla import OpenVLAPolicy  # noqa: E402
 
@@ -39,9 +40,12 @@ class ModelPolicy:
 
 @torch.no_grad()
 def evaluate_model(model, processor, num_episodes: int = 100, seed: int = 10_000, unnorm_key: str | None = None,
-                   batch_size: int | None = 50, strip_path: Path | None = None) -> dict[str, Any]:
-    """Success rate of `model` on `num_episodes` held-out tabletop episodes (seeds `seed`, `seed + 1`, ...)."""
-    return evaluate_policy(ModelPolicy(model, processor, unnorm_key), num_episodes, seed=seed, batch_size=batch_size, strip_path=strip_path)
+                   batch_size: int | None = 50, strip_path: Path | None = None,
+                   task_kinds: Sequence[str] = TASK_KINDS) -> dict[str, Any]:
+    """Success rate of `model` on `num_episodes` held-out tabletop episodes (seeds `seed`, `seed + 1`, ...) whose goals
+    are of `task_kinds`."""
+    return evaluate_policy(ModelPolicy(model, processor, unnorm_key), num_episodes, seed=seed, batch_size=batch_size,
+                           strip_path=strip_path, task_kinds=task_kinds)
 
 
 def main() -> None:
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=50, help="Episodes stepped together.")
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     parser.add_argument("--strip", type=Path, default=None, help="Write a PNG strip of a few episodes here.")
+    parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="Goal kinds of the episodes.")
     args = parser.parse_args()
 
     from transformers import AutoModel, AutoProcessor
@@ -60,9 +65,9 @@ def main() -> None:
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     results = {
-        "model": evaluate_model(model, processor, args.episodes, args.seed, args.unnorm_key, args.batch_size, args.strip),
-        "expert": evaluate_policy(expert_policy, args.episodes, seed=args.seed),
-        "random": evaluate_policy(random_policy(0), args.episodes, seed=args.seed),
+        "model": evaluate_model(model, processor, args.episodes, args.seed, args.unnorm_key, args.batch_size, args.strip, args.tasks),
+        "expert": evaluate_policy(expert_policy, args.episodes, seed=args.seed, task_kinds=args.tasks),
+        "random": evaluate_policy(random_policy(0), args.episodes, seed=args.seed, task_kinds=args.tasks),
     }
     print(f"{'policy':<8} {'success':>8} {'mean steps':>11}")
     for name, result in results.items():

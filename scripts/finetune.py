@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accelerate.utils import gather_object  # noqa: E402
 from evaluate import evaluate_model  # noqa: E402
 from model_card import push_folder, write_model_card  # noqa: E402
+from tabletop import TASK_KINDS, check_task_kinds, generate_demonstrations  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModel,
     AutoProcessor,
@@ -119,6 +121,10 @@ class DataArguments:
         default=False, metadata={"help": "Random resized crop (scale 0.9-1) and colour jitter on training images."}
     )
     num_demo_episodes: int = field(default=1000, metadata={"help": "Episodes of built-in tabletop demonstrations."})
+    demo_tasks: str = field(
+        default=",".join(TASK_KINDS),
+        metadata={"help": "Comma-separated goal kinds of the built-in demos and closed-loop episodes: 'reach', 'push' or both."},
+    )
     closed_loop_episodes: int = field(
         default=100, metadata={"help": "Held-out tabletop episodes run in closed loop after training (0 to skip)."}
     )
@@ -160,12 +166,11 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     return overrides
 
 
-def load_raw_dataset(name: str | None, num_demo_episodes: int, seed: int) -> datasets.Dataset:
-    """The built-in demos, or a dataset from a `save_to_disk` folder, parquet files, an imagefolder or the Hub."""
+def load_raw_dataset(name: str | None, num_demo_episodes: int, seed: int, task_kinds: Sequence[str] = TASK_KINDS) -> datasets.Dataset:
+    """The built-in demos (goals of `task_kinds`), or a dataset from a `save_to_disk` folder, parquet files, an
+    imagefolder or the Hub."""
     if name is None:
-        from tabletop import generate_demonstrations
-
-        return generate_demonstrations(num_demo_episodes, seed=seed, dataset_name=BUILTIN_DATASET)
+        return generate_demonstrations(num_demo_episodes, seed=seed, dataset_name=BUILTIN_DATASET, task_kinds=task_kinds)
     path = Path(name)
     if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
         loaded = datasets.load_from_disk(str(path))
@@ -440,7 +445,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     training_args.output_dir = str(output_dir / "checkpoints")
     training_args.push_to_hub = False
 
-    raw = load_raw_dataset(data_args.dataset_name, data_args.num_demo_episodes, training_args.seed)
+    task_kinds = check_task_kinds(data_args.demo_tasks.split(","))
+    raw = load_raw_dataset(data_args.dataset_name, data_args.num_demo_episodes, training_args.seed, task_kinds)
     actions = validate_dataset(raw, data_args)
     default_name = BUILTIN_DATASET if data_args.dataset_name is None else Path(data_args.dataset_name).name
     train_raw, eval_raw = split_dataset(raw, data_args, training_args.seed)
@@ -504,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics["train_minutes"] = (time.time() - started) / 60
         if data_args.dataset_name is None and data_args.closed_loop_episodes > 0:
             closed_loop = evaluate_model(
-                merged, processor, num_episodes=data_args.closed_loop_episodes, strip_path=output_dir / "closed_loop_episodes.png"
+                merged, processor, num_episodes=data_args.closed_loop_episodes, strip_path=output_dir / "closed_loop_episodes.png",
+                task_kinds=task_kinds,
             )
             metrics["closed_loop_success_rate"] = closed_loop["success_rate"]
             print(f"Closed-loop success on {closed_loop['num_episodes']} held-out episodes: {closed_loop['success_rate']:.1%}")
@@ -540,7 +547,7 @@ def save_outputs(model, processor: OpenVLAProcessor, output_dir: Path, model_arg
 def _training_summary(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> str:
     mode = f"LoRA (r={model_args.lora_rank}, alpha={model_args.lora_alpha}, targets={model_args.lora_target_modules})" if model_args.use_lora else "full fine-tuning"
     source = "from scratch" if not model_args.model_name_or_path or model_args.from_scratch else f"from `{model_args.model_name_or_path}`"
-    data = data_args.dataset_name or f"{data_args.num_demo_episodes} built-in tabletop demonstration episodes"
+    data = data_args.dataset_name or f"{data_args.num_demo_episodes} built-in tabletop demonstration episodes ({data_args.demo_tasks} goals)"
     return (
         f"Trained {source} with `scripts/finetune.py` ({mode}{', vision backbone frozen' if model_args.freeze_vision_backbone else ''}) "
         f"on {data} for {training_args.max_steps} steps, batch {training_args.per_device_train_batch_size} per process x "

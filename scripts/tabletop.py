@@ -69,6 +69,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 200, 30),
 }
 SHAPES = ("block", "ball")
+TASK_KINDS = ("reach", "push")
 DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0),
     "right": (1.0, 0.0),
@@ -123,12 +124,23 @@ def sample_objects(rng: np.random.Generator, num_objects: int) -> list[SceneObje
     ]
 
 
-def sample_task(rng: np.random.Generator, objects: Sequence[SceneObject]) -> Task:
-    """Picks a target object and one of five equally likely goals: reach it, or push
-    it left, right, up or down; then phrases the instruction with a random template."""
+def check_task_kinds(task_kinds: Sequence[str]) -> tuple[str, ...]:
+    """``task_kinds`` as a tuple, checked to be a non-empty subset of ``TASK_KINDS``."""
+    kinds = tuple(task_kinds)
+    unknown = sorted(set(kinds) - set(TASK_KINDS))
+    if not kinds or unknown:
+        raise ValueError(f"task_kinds must be a non-empty subset of {TASK_KINDS}, got {kinds}")
+    return kinds
+
+
+def sample_task(rng: np.random.Generator, objects: Sequence[SceneObject], task_kinds: Sequence[str] = TASK_KINDS) -> Task:
+    """Picks a target object and one of the equally likely goals ``task_kinds`` allows:
+    reach it (``"reach"``), or push it left, right, up or down (``"push"``, four goals);
+    then phrases the instruction with a random template."""
     target = objects[rng.integers(len(objects))]
-    kinds = (None, *DIRECTIONS)
-    direction = kinds[rng.integers(len(kinds))]
+    kinds = check_task_kinds(task_kinds)
+    goals = ([None] if "reach" in kinds else []) + (list(DIRECTIONS) if "push" in kinds else [])
+    direction = goals[rng.integers(len(goals))]
     if direction is None:
         template = REACH_TEMPLATES[rng.integers(len(REACH_TEMPLATES))]
         return Task(target, None, template.format(object=target.name), target.position)
@@ -211,7 +223,8 @@ def render_scene(objects: Sequence[SceneObject], gripper: np.ndarray, image_size
 class TabletopEnv:
     """The closed-loop tabletop environment.
 
-    ``reset`` samples a scene and an instruction; ``step`` applies a ``[7]`` action.
+    ``reset`` samples a scene and an instruction (a goal of ``task_kinds``: ``"reach"``,
+    ``"push"`` or both); ``step`` applies a ``[7]`` action.
     After ``reset`` the attributes ``objects``, ``task``, ``instruction``, ``goal`` ``[2]``,
     ``gripper`` ``[2]``, ``steps``, ``done`` and ``success`` describe the state.
     """
@@ -223,11 +236,13 @@ class TabletopEnv:
         max_steps: int = 20,
         success_radius: float = SUCCESS_RADIUS,
         seed: int = 0,
+        task_kinds: Sequence[str] = TASK_KINDS,
     ) -> None:
         if not 1 <= num_objects <= len(COLORS):
             raise ValueError(f"num_objects must be in [1, {len(COLORS)}], got {num_objects}")
         self.image_size = image_size
         self.num_objects = num_objects
+        self.task_kinds = check_task_kinds(task_kinds)
         self.max_steps = max_steps
         self.success_radius = success_radius
         self._rng = np.random.default_rng(seed)
@@ -259,7 +274,7 @@ class TabletopEnv:
         generator) and returns the first image and the instruction."""
         rng = self._rng if seed is None else np.random.default_rng(seed)
         self.objects = sample_objects(rng, self.num_objects)
-        self.task = sample_task(rng, self.objects)
+        self.task = sample_task(rng, self.objects, self.task_kinds)
         self.gripper = sample_gripper_start(rng, self.task.goal)
         self._table = render_table(self.objects, self.image_size)
         self.steps = 0
@@ -398,11 +413,12 @@ def generate_demonstrations(
     max_steps: int = 20,
     dataset_name: str = "tabletop",
     progress: bool = True,
+    task_kinds: Sequence[str] = TASK_KINDS,
 ) -> datasets.Dataset:
     """Rolls out the privileged expert for ``num_episodes`` episodes (episode ``i`` from
-    seed ``seed + i``) and returns one row per step, including the final one, with
-    columns image, instruction, action ``[7]``, episode, step and dataset_name."""
-    env = TabletopEnv(image_size, num_objects, max_steps)
+    seed ``seed + i``, goals of ``task_kinds``) and returns one row per step, including
+    the final one, with columns image, instruction, action ``[7]``, episode, step and dataset_name."""
+    env = TabletopEnv(image_size, num_objects, max_steps, task_kinds=task_kinds)
     image_feature = datasets.Image()
     columns: dict[str, list] = {name: [] for name in demonstration_features()}
     for episode in tqdm(range(num_episodes), desc="demonstrations", disable=not progress):
@@ -458,13 +474,15 @@ def evaluate_policy(
     progress: bool = True,
     strip_path: str | Path | None = None,
     strip_episodes: int = 4,
+    task_kinds: Sequence[str] = TASK_KINDS,
 ) -> dict:
     """Runs ``policy`` in closed loop on ``num_episodes`` environments (episode ``i``
     from seed ``seed + i``), ``batch_size`` of them (default all) in lock-step.
 
     ``policy(images, instructions)`` gets B images and B instructions and returns
     ``[B, 7]`` actions. If ``strip_path`` is given, the first ``strip_episodes``
-    episodes are saved there with :func:`save_episode_strip`.
+    episodes are saved there with :func:`save_episode_strip`. ``task_kinds`` limits the
+    goals as in :class:`TabletopEnv`.
 
     Returns ``{"success_rate", "num_episodes", "mean_steps", "successes"}``.
     """
@@ -475,7 +493,7 @@ def evaluate_policy(
     with tqdm(total=num_episodes, desc="evaluation", disable=not progress) as bar:
         for start in range(0, num_episodes, batch_size):
             seeds = range(seed + start, seed + min(start + batch_size, num_episodes))
-            batch = [TabletopEnv(image_size, num_objects, max_steps) for _ in seeds]
+            batch = [TabletopEnv(image_size, num_objects, max_steps, task_kinds=task_kinds) for _ in seeds]
             for env, episode_seed in zip(batch, seeds, strict=True):
                 env.reset(episode_seed)
             frames += _rollout(policy, batch, num_recorded - start, bar)
@@ -540,11 +558,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-objects", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--dataset-name", default="tabletop")
+    parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="goal kinds to sample")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     dataset = generate_demonstrations(
-        args.episodes, args.seed, args.image_size, args.num_objects, args.max_steps, args.dataset_name
+        args.episodes, args.seed, args.image_size, args.num_objects, args.max_steps, args.dataset_name,
+        task_kinds=args.tasks,
     )
     elapsed = time.perf_counter() - start
     dataset.save_to_disk(args.output)

@@ -283,3 +283,13 @@ def test_parallel_chunked_model_trains_with_the_same_program(tmp_path):
     assert (model.config.action_decoding, model.config.action_chunk_size) == ("parallel", 4)
     actions = model.predict_action(**processor(images=random_images(2), text=["go to the red block", "push the blue ball up"]))
     assert actions.shape == (2, 4, 7)
+
+
+def test_demo_tasks_choose_the_goals_of_the_built_in_demos(tmp_path):
+    from tabletop import parse_instruction
+
+    reach = finetune.load_raw_dataset(None, 4, seed=0, task_kinds=("reach",))
+    assert len(reach) and all(parse_instruction(text)[1] is None for text in reach["instruction"])
+    with pytest.raises(ValueError, match=r"task_kinds must be a non-empty subset .* got \('reach', 'throw'\)"):
+        finetune.main(["--demo_tasks", "reach,throw", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -19,6 +19,7 @@ from tabletop import (  # noqa: E402
     MAX_STEP,
     MIN_OBJECT_DISTANCE,
     PUSH_DISTANCE,
+    REACH_TEMPLATES,
     TabletopEnv,
     evaluate_policy,
     expert_policy,
@@ -219,6 +220,34 @@ def test_wrong_action_shape_raises():
         env.step(np.full(ACTION_DIM, np.nan))
 
 
+@pytest.mark.parametrize("task_kinds", [("reach",), ("push",)])
+def test_task_kinds_limit_the_goals(task_kinds):
+    env = TabletopEnv(task_kinds=task_kinds)
+    reach_prefixes = tuple(template.split("{")[0] for template in REACH_TEMPLATES)
+    for seed in range(40):
+        env.reset(seed)
+        reaching = env.task.direction is None
+        assert reaching == (task_kinds == ("reach",))
+        assert env.instruction.startswith(reach_prefixes) == reaching
+        assert np.allclose(env.goal, env.task.target.position) == reaching
+
+
+def test_both_task_kinds_are_the_default_and_sample_all_five_goals():
+    default, both = TabletopEnv(), TabletopEnv(task_kinds=("push", "reach"))
+    directions = set()
+    for seed in range(60):
+        default.reset(seed), both.reset(seed)
+        assert default.instruction == both.instruction
+        directions.add(default.task.direction)
+    assert directions == {None, *DIRECTIONS}
+
+
+@pytest.mark.parametrize("task_kinds", [(), ("reach", "throw"), "reach"])
+def test_unknown_task_kinds_raise(task_kinds):
+    with pytest.raises(ValueError, match="task_kinds must be a non-empty subset"):
+        TabletopEnv(task_kinds=task_kinds)
+
+
 def test_too_many_objects_raises():
     with pytest.raises(ValueError, match="num_objects"):
         TabletopEnv(num_objects=len(COLORS) + 1)
@@ -232,6 +261,10 @@ def test_expert_policy_solves_task():
     result = evaluate_policy(expert_policy, 20, progress=False)
     assert result["success_rate"] == 1.0 and result["successes"] == [True] * 20
     assert result["num_episodes"] == 20 and 1 < result["mean_steps"] < 15
+
+
+def test_expert_policy_solves_reach_only_episodes():
+    assert evaluate_policy(expert_policy, 20, progress=False, task_kinds=("reach",))["success_rate"] == 1.0
 
 
 def test_random_policy_fails():
