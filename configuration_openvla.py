@@ -20,6 +20,7 @@ from transformers.configuration_utils import SubConfigSpec
 ACTION_BINNING_SCHEMES = ("reference", "openvla")
 ACTION_DECODING_MODES = ("autoregressive", "parallel")
 VISION_LAYOUTS = ("transformers", "timm")
+VISION_STEMS = ("patch", "conv")
 AUTO_MAP = {
     "AutoConfig": "configuration_openvla.OpenVLAConfig",
     "AutoModel": "modeling_openvla.OpenVLAForActionPrediction",
@@ -143,6 +144,13 @@ class OpenVLAConfig(PreTrainedConfig):
             they are; `"timm"` keeps the parameter set of the timm towers of official OpenVLA checkpoints (DINOv2
             position embeddings for the patches only, no DINOv2 mask token, SigLIP attention-pooling head kept but not
             run), whose official key names load (and save back) through registered weight conversions.
+        vision_stem (`str`, defaults to `"patch"`): how the DINOv2 tower turns pixels into patch tokens. `"patch"` is
+            DINOv2's own linear patch embedding (one `patch_size`-strided convolution, as every published checkpoint);
+            `"conv"` replaces it with a convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See
+            Better"): `log2(patch_size)` 3x3 stride-2 convolutions with ReLU, widths doubling up to `vision_dim`, then a
+            1x1 convolution, giving the same patch grid. For towers trained from scratch: the convolutions' locality
+            lets them find small objects and their positions in far fewer steps. Needs a power-of-two `patch_size`, a
+            `vision_dim` divisible by `patch_size // 2` and a single DINOv2 tower in the transformers layout.
         prompt_suffix_token (`str`, *optional*): token the processor appends to a prompt that does not already end
             with it (official checkpoints: Llama-2's empty token `"\u2581"`); the processor looks its id up in the
             tokenizer.
@@ -185,6 +193,7 @@ class OpenVLAConfig(PreTrainedConfig):
     action_decoding: str = "autoregressive"
     action_chunk_size: int = 1
     vision_layout: str = "transformers"
+    vision_stem: str = "patch"
     prompt_suffix_token: str | None = None
     norm_stats: dict | None = None
     tie_word_embeddings: bool = False
@@ -298,6 +307,7 @@ class OpenVLAConfig(PreTrainedConfig):
             raise ValueError(f"action_binning={self.action_binning!r} is not one of {ACTION_BINNING_SCHEMES}.")
         if self.vision_layout not in VISION_LAYOUTS:
             raise ValueError(f"vision_layout={self.vision_layout!r} is not one of {VISION_LAYOUTS}.")
+        self._validate_vision_stem()
         if self.action_decoding not in ACTION_DECODING_MODES:
             raise ValueError(f"action_decoding={self.action_decoding!r} is not one of {ACTION_DECODING_MODES}.")
         if self.action_decoding == "autoregressive" and self.action_chunk_size != 1:
@@ -315,6 +325,21 @@ class OpenVLAConfig(PreTrainedConfig):
                     f"{fused.patch_size}px patches, the first one {self.image_size}px in {self.patch_size}px patches; "
                     "both must give the same patch grid."
                 )
+
+    def _validate_vision_stem(self) -> None:
+        if self.vision_stem not in VISION_STEMS:
+            raise ValueError(f"vision_stem={self.vision_stem!r} is not one of {VISION_STEMS}.")
+        if self.vision_stem == "patch":
+            return
+        problems = []
+        if self.vision_config.model_type != "dinov2" or self.fused_vision_config is not None or self.vision_layout != "transformers":
+            problems.append("a single DINOv2 tower (vision_layout='transformers', no fused backbone)")
+        if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+            problems.append(f"a power-of-two patch_size (got {self.patch_size}; e.g. patch_size=16)")
+        elif self.vision_config.hidden_size % (self.patch_size // 2):
+            problems.append(f"a vision width divisible by patch_size // 2 = {self.patch_size // 2} (got {self.vision_config.hidden_size})")
+        if problems:
+            raise ValueError(f"vision_stem='conv' needs {' and '.join(problems)}; or use vision_stem='patch'.")
 
     @property
     def num_patches(self) -> int:
@@ -339,7 +364,7 @@ class OpenVLAConfig(PreTrainedConfig):
     def param_count(self) -> int:
         """Exact number of parameters of the model this config builds, computed from the config alone."""
         timm_layout = self.vision_layout == "timm"
-        vision = _vision_param_count(self.vision_config, timm_layout)
+        vision = _vision_param_count(self.vision_config, timm_layout, conv_stem=self.vision_stem == "conv")
         if self.fused_vision_config is not None:
             vision += _vision_param_count(self.fused_vision_config, timm_layout)
         projector = _projector_param_count(self.vision_dim, self.hidden_dim, fused=self.fused_vision_config is not None)
@@ -491,13 +516,30 @@ def _timm_tower_config(timm_id: str, image_size: int, activation: str | None, ti
     return config
 
 
-def _vision_param_count(config: PreTrainedConfig, timm_layout: bool = False) -> int:
+def conv_stem_widths(patch_size: int, width: int) -> list[int]:
+    """Output widths of the 3x3 stride-2 convolutions of `vision_stem="conv"`: `log2(patch_size)` of them, doubling up
+    to `width` (e.g. patch 16, width 192: `[24, 48, 96, 192]`)."""
+    num_convs = patch_size.bit_length() - 1
+    return [width // 2 ** (num_convs - 1 - index) for index in range(num_convs)]
+
+
+def _conv_stem_param_count(in_channels: int, patch_size: int, width: int) -> int:
+    widths = conv_stem_widths(patch_size, width)
+    convs = sum(_linear(9 * fan_in, fan_out) for fan_in, fan_out in zip([in_channels, *widths[:-1]], widths))
+    return convs + _linear(width, width)
+
+
+def _vision_param_count(config: PreTrainedConfig, timm_layout: bool = False, conv_stem: bool = False) -> int:
     """Parameters of a transformers Dinov2, Dinov2WithRegisters or SigLIP vision model built from `config` (with
-    `timm_layout`, the DINOv2 model of `vision_layout="timm"`: no mask token, no class-token position embedding)."""
+    `timm_layout`, the DINOv2 model of `vision_layout="timm"`: no mask token, no class-token position embedding; with
+    `conv_stem`, the convolutional stem of `vision_stem="conv"` in place of the patch embedding)."""
     width = config.hidden_size
     patch = _as_square(config.patch_size, "patch_size")
     grid = (_as_square(config.image_size, "image_size") // patch) ** 2
-    patch_embedding = _linear(config.num_channels * patch * patch, width)
+    if conv_stem:
+        patch_embedding = _conv_stem_param_count(config.num_channels, patch, width)
+    else:
+        patch_embedding = _linear(config.num_channels * patch * patch, width)
     if config.model_type in ("dinov2", "dinov2_with_registers"):
         if getattr(config, "use_swiglu_ffn", False):
             raise NotImplementedError("param_count does not cover DINOv2's SwiGLU MLP (use_swiglu_ffn=True).")

@@ -45,10 +45,10 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 from transformers.utils import ModelOutput
 
 try:
-    from .configuration_openvla import OpenVLAConfig
+    from .configuration_openvla import OpenVLAConfig, conv_stem_widths
     from .processing_openvla import IGNORE_INDEX, ActionTokenizer
 except ImportError:
-    from configuration_openvla import OpenVLAConfig
+    from configuration_openvla import OpenVLAConfig, conv_stem_widths
     from processing_openvla import IGNORE_INDEX, ActionTokenizer
 
 
@@ -353,6 +353,33 @@ def sincos_2d_positions(grid: int, width: int) -> torch.Tensor:
     return torch.cat([sincos_1d_positions(columns.flatten(), width // 2), sincos_1d_positions(rows.flatten(), width // 2)], dim=1)
 
 
+class OpenVLAConvStem(nn.Sequential):
+    """Convolutional patch embedding of `vision_stem="conv"`: 3x3 stride-2 convolutions with ReLU (widths from
+    `conv_stem_widths`), then a 1x1 convolution to the tower width. `[batch, channels, H, W]` ->
+    `[batch, width, H / patch_size, W / patch_size]`, the output shape of DINOv2's patch projection it replaces."""
+
+    def __init__(self, in_channels: int, patch_size: int, width: int):
+        widths = conv_stem_widths(patch_size, width)
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip([in_channels, *widths[:-1]], widths):
+            layers += [nn.Conv2d(fan_in, fan_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+        super().__init__(*layers, nn.Conv2d(width, width, kernel_size=1))
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The first convolution's weight: DINOv2's patch embedding casts the pixels to the dtype of `projection.weight`."""
+        return self[0].weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """He initialisation (fan-in, ReLU gain) and zero biases, which keep the activations' scale through the stem;
+        the DINOv2 initialiser's std of 0.02 would shrink them about a thousandfold."""
+        for conv in self:
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+
+
 class OpenVLAVisionBackbone(nn.Module):
     """DINOv2 (optionally fused with SigLIP) patch features of one hidden layer, without CLS / register tokens.
 
@@ -371,6 +398,11 @@ class OpenVLAVisionBackbone(nn.Module):
         )
         if isinstance(self.featurizer, (Dinov2Model, Dinov2WithRegistersModel)):
             self._start_with_sincos_positions(self.featurizer.embeddings.position_embeddings)
+        if config.vision_stem == "conv":
+            vision = config.vision_config
+            self.featurizer.embeddings.patch_embeddings.projection = OpenVLAConvStem(
+                vision.num_channels, config.patch_size, vision.hidden_size
+            )
 
     @torch.no_grad()
     def _start_with_sincos_positions(self, positions: nn.Parameter) -> None:
@@ -482,6 +514,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         )
         self.post_init()
         self._start_with_ordinal_action_embeddings()
+        self._start_conv_stem()
 
     @torch.no_grad()
     def _start_with_ordinal_action_embeddings(self) -> None:
@@ -501,6 +534,13 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         rows = slice(tokenizer.action_token_start, tokenizer.action_token_end)
         for embeddings in (output_embeddings, self.get_input_embeddings().weight):
             embeddings[rows] = table.to(embeddings.dtype)
+
+    def _start_conv_stem(self) -> None:
+        """`post_init` gives every convolution in the DINOv2 tower the tower's initialiser; a convolutional stem
+        (`vision_stem="conv"`) is started with its own He initialisation instead. Loaded weights replace it."""
+        stem = self.vision_backbone.featurizer.embeddings.patch_embeddings.projection
+        if isinstance(stem, OpenVLAConvStem) and stem[0].weight.device.type != "meta":
+            stem.reset_parameters()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

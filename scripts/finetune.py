@@ -156,13 +156,17 @@ class FinetuneTrainingArguments(TrainingArguments):
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
-    """'hidden_dim=128,rope=true,dropout=0.0' -> {'hidden_dim': 128, 'rope': True, 'dropout': 0.0}."""
+    """'hidden_dim=128,rope=true,dropout=0.0,vision_stem=conv' -> {'hidden_dim': 128, 'rope': True, 'dropout': 0.0,
+    'vision_stem': 'conv'}: JSON values, and any other value as a string."""
     overrides = {}
     for item in filter(None, (text or "").split(",")):
         if "=" not in item:
             raise ValueError(f"--config_overrides item {item!r} is not name=value.")
         name, value = (part.strip() for part in item.split("=", 1))
-        overrides[name] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+        try:
+            overrides[name] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+        except json.JSONDecodeError:
+            overrides[name] = value
     return overrides
 
 

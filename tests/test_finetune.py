@@ -235,6 +235,14 @@ def test_mixed_datasets_get_their_own_statistics(tmp_path):
     assert max(stats["scaled"]["action"]["max"]) == pytest.approx(10 * max(stats["tabletop"]["action"]["max"]), rel=0.5)
 
 
+def test_config_overrides_parse_json_values_and_plain_strings():
+    assert finetune.parse_overrides("hidden_dim=128, rope=True,dropout=0.0,vision_stem=conv,norm_stats=null") == {
+        "hidden_dim": 128, "rope": True, "dropout": 0.0, "vision_stem": "conv", "norm_stats": None,
+    }
+    with pytest.raises(ValueError, match="'hidden_dim' is not name=value"):
+        finetune.parse_overrides("hidden_dim")
+
+
 def test_chunk_labels_repeat_the_final_action():
     from processing_openvla import build_action_chunks
 

@@ -227,14 +227,38 @@ def test_new_model_starts_with_ordinal_action_embeddings_and_loading_replaces_th
         sincos_1d_positions(torch.arange(4), 7)
 
 
-def test_actions_that_only_the_image_explains_are_learned(tokenizer):
+CONV_STEM = {"patch_size": 8, "vision_stem": "conv"}
+
+
+def test_conv_stem_keeps_the_patch_grid_starts_with_he_init_and_round_trips(tokenizer, tmp_path):
+    from modeling_openvla import OpenVLAConvStem
+
+    model = make_model(tokenizer, **CONV_STEM)
+    stem = model.vision_backbone.featurizer.embeddings.patch_embeddings.projection
+    assert isinstance(stem, OpenVLAConvStem)
+    assert [conv.out_channels for conv in stem if isinstance(conv, torch.nn.Conv2d)] == [16, 32, 64, 64]
+    first = stem[0].weight
+    assert abs(first.std().item() / (2 / first[0].numel()) ** 0.5 - 1) < 0.15  # He, not the tower's std of 0.02
+    pixels = torch.randn(2, 3, 56, 56)
+    assert stem(pixels).shape == (2, 64, 7, 7)
+    assert model.vision_backbone(pixels).shape == (2, model.config.num_patches, 64) == (2, 49, 64)
+    model.save_pretrained(tmp_path)
+    reloaded = OpenVLAForActionPrediction.from_pretrained(tmp_path).eval()
+    assert reloaded.config.vision_stem == "conv"
+    batch = make_processor(tokenizer, patch_size=8)(images=random_images(2), text=INSTRUCTIONS[:2])
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("stem", [{}, CONV_STEM], ids=["patch", "conv-stem"])
+def test_actions_that_only_the_image_explains_are_learned(tokenizer, stem):
     """One instruction, 16 tabletop scenes, a random action per scene: a model that ignored the image could not get
     its loss below the entropy of 16 equally likely bins per dimension (ln 16 = 2.77); training must get far below."""
     from tabletop import TabletopEnv
 
     torch.manual_seed(0)
-    model = make_model(tokenizer).train()
-    processor = make_processor(tokenizer)
+    model = make_model(tokenizer, **stem).train()
+    processor = make_processor(tokenizer, patch_size=model.config.patch_size)
     env = TabletopEnv(image_size=56, num_objects=1)
     images = [env.reset(seed)[0] for seed in range(16)]
     actions = np.random.default_rng(0).uniform(-1, 1, (16, 7))
