@@ -538,8 +538,10 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
     def _start_conv_stem(self) -> None:
         """`post_init` gives every convolution in the DINOv2 tower the tower's initialiser; a convolutional stem
         (`vision_stem="conv"`) is started with its own He initialisation instead. Loaded weights replace it."""
+        if self.config.vision_stem != "conv":
+            return
         stem = self.vision_backbone.featurizer.embeddings.patch_embeddings.projection
-        if isinstance(stem, OpenVLAConvStem) and stem[0].weight.device.type != "meta":
+        if stem.weight.device.type != "meta":
             stem.reset_parameters()
 
     def get_input_embeddings(self) -> nn.Module:
