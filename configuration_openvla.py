@@ -145,12 +145,13 @@ class OpenVLAConfig(PreTrainedConfig):
             position embeddings for the patches only, no DINOv2 mask token, SigLIP attention-pooling head kept but not
             run), whose official key names load (and save back) through registered weight conversions.
         vision_stem (`str`, defaults to `"patch"`): how the DINOv2 tower turns pixels into patch tokens. `"patch"` is
-            DINOv2's own linear patch embedding (one `patch_size`-strided convolution, as every published checkpoint);
-            `"conv"` replaces it with a convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See
-            Better"): `log2(patch_size)` 3x3 stride-2 convolutions with ReLU, widths doubling up to `vision_dim`, then a
-            1x1 convolution, giving the same patch grid. For towers trained from scratch: the convolutions' locality
-            lets them find small objects and their positions in far fewer steps. Needs a power-of-two `patch_size`, a
-            `vision_dim` divisible by `patch_size // 2` and a single DINOv2 tower in the transformers layout.
+            DINOv2's own linear patch embedding (one `patch_size`-strided convolution, as in every published
+            checkpoint); `"conv"` replaces it with a convolutional stem (Xiao et al. 2021, "Early Convolutions Help
+            Transformers See Better"): `log2(patch_size)` 3x3 stride-2 convolutions with ReLU, widths doubling up to
+            `vision_dim`, then a 1x1 convolution, giving the same patch grid. Meant for towers trained from scratch;
+            the README's tabletop section gives what it did and did not change there. Needs a power-of-two
+            `patch_size`, a `vision_dim` divisible by `patch_size // 2` and a single DINOv2 tower in the transformers
+            layout.
         prompt_suffix_token (`str`, *optional*): token the processor appends to a prompt that does not already end
             with it (official checkpoints: Llama-2's empty token `"\u2581"`); the processor looks its id up in the
             tokenizer.
