@@ -20,7 +20,10 @@ from transformers.configuration_utils import SubConfigSpec
 ACTION_BINNING_SCHEMES = ("reference", "openvla")
 ACTION_DECODING_MODES = ("autoregressive", "parallel")
 VISION_LAYOUTS = ("transformers", "timm")
-VISION_STEMS = ("patch", "conv")
+VISION_STEMS = ("patch", "conv", "coordconv")
+WEIGHT_INITS = ("standard", "fan_in")
+# Extra input channels of the first stem convolution of `vision_stem="coordconv"`: the pixel's x and y.
+COORDINATE_CHANNELS = 2
 AUTO_MAP = {
     "AutoConfig": "configuration_openvla.OpenVLAConfig",
     "AutoModel": "modeling_openvla.OpenVLAForActionPrediction",
@@ -123,6 +126,8 @@ class OpenVLAConfig(PreTrainedConfig):
             then the only source of order.
 
     Further options:
+        vision_num_layers (`int`, defaults to 12): blocks of the DINOv2 tower built from the reference options (the
+            reference API fixes 12). With the default `vision_feature_layer=-2` the last block's output is not used.
         action_min, action_max (`float`, defaults to -1.0 and 1.0): range covered by the bins (normalised units).
         vocab_size (`int`, defaults to 32000): vocabulary of the language model (use `len(tokenizer)`).
         vision_config, fused_vision_config, text_config (`dict` or config, *optional*): explicit sub-configs; they win
@@ -148,10 +153,18 @@ class OpenVLAConfig(PreTrainedConfig):
             DINOv2's own linear patch embedding (one `patch_size`-strided convolution, as in every published
             checkpoint); `"conv"` replaces it with a convolutional stem (Xiao et al. 2021, "Early Convolutions Help
             Transformers See Better"): `log2(patch_size)` 3x3 stride-2 convolutions with ReLU, widths doubling up to
-            `vision_dim`, then a 1x1 convolution, giving the same patch grid. Meant for towers trained from scratch;
-            the README's tabletop section gives what it did and did not change there. Needs a power-of-two
-            `patch_size`, a `vision_dim` divisible by `patch_size // 2` and a single DINOv2 tower in the transformers
-            layout.
+            `vision_dim`, then a 1x1 convolution, giving the same patch grid; `"coordconv"` is that stem with the
+            pixel's x and y as two more input channels of its first convolution (CoordConv, Liu et al. 2018). Meant
+            for towers trained from scratch; the README's tabletop section gives what they did and did not change
+            there. Both need a power-of-two `patch_size`, a `vision_dim` divisible by `patch_size // 2` and a single
+            DINOv2 tower in the transformers layout.
+        weight_init (`str`, defaults to `"standard"`): how a model built from scratch starts its linear and convolution
+            weights. `"standard"` keeps each part's transformers initialiser (normal, std `initializer_range` = 0.02,
+            as DINOv2 and Llama). `"fan_in"` draws every linear and convolution weight but the LM head's from a normal
+            with std `1 / sqrt(fan_in)` (LeCun), and scales the ordinal start of the action tokens' embeddings to the
+            same std, so each layer starts with unit gain whatever its width: at std 0.02 a 128-wide layer starts
+            with a gain of 0.23, the network starts almost linear, and a narrow model trained from scratch stays long
+            on the plateau where it ignores the image (README, main job). Loaded weights replace either.
         prompt_suffix_token (`str`, *optional*): token the processor appends to a prompt that does not already end
             with it (official checkpoints: Llama-2's empty token `"\u2581"`); the processor looks its id up in the
             tokenizer.
@@ -181,6 +194,7 @@ class OpenVLAConfig(PreTrainedConfig):
     max_text_len: int = 64
     dropout: float = 0.1
     rope: bool = False
+    vision_num_layers: int = 12
     action_min: float = -1.0
     action_max: float = 1.0
     vocab_size: int = 32000
@@ -195,6 +209,7 @@ class OpenVLAConfig(PreTrainedConfig):
     action_chunk_size: int = 1
     vision_layout: str = "transformers"
     vision_stem: str = "patch"
+    weight_init: str = "standard"
     prompt_suffix_token: str | None = None
     norm_stats: dict | None = None
     tie_word_embeddings: bool = False
@@ -223,11 +238,11 @@ class OpenVLAConfig(PreTrainedConfig):
         self._validate()
 
     def _default_vision_config(self) -> dict[str, Any]:
-        """DINOv2 ViT of the reference API: 12 blocks, `max(vision_dim // 64, 4)` heads."""
+        """DINOv2 ViT of the reference API: `vision_num_layers` (12) blocks, `max(vision_dim // 64, 4)` heads."""
         return {
             "model_type": "dinov2",
             "hidden_size": self.vision_dim,
-            "num_hidden_layers": 12,
+            "num_hidden_layers": self.vision_num_layers,
             "num_attention_heads": max(self.vision_dim // 64, 4),
             "mlp_ratio": 4,
             "image_size": self.image_size,
@@ -260,6 +275,7 @@ class OpenVLAConfig(PreTrainedConfig):
         self.patch_size = _as_square(vision.patch_size, "vision_config.patch_size")
         self.in_channels = vision.num_channels
         self.vision_dim = vision.hidden_size
+        self.vision_num_layers = vision.num_hidden_layers
         if self.fused_vision_config is not None:
             self.vision_dim += self.fused_vision_config.hidden_size
         self.hidden_dim = text.hidden_size
@@ -272,7 +288,7 @@ class OpenVLAConfig(PreTrainedConfig):
     def _validate_reference_options(self, vision: bool, text: bool) -> None:
         """Check the reference options that build the vision (`vision`) and text (`text`) sub-configs."""
         names = ["action_dim", "max_text_len", "action_chunk_size"]
-        names += ["image_size", "patch_size", "in_channels", "vision_dim"] if vision else []
+        names += ["image_size", "patch_size", "in_channels", "vision_dim", "vision_num_layers"] if vision else []
         names += ["hidden_dim", "num_layers", "num_heads", "num_kv_heads", "vocab_size"] if text else []
         checks = [(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be a positive integer") for name in names]
         checks.append((0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"))
@@ -309,6 +325,8 @@ class OpenVLAConfig(PreTrainedConfig):
         if self.vision_layout not in VISION_LAYOUTS:
             raise ValueError(f"vision_layout={self.vision_layout!r} is not one of {VISION_LAYOUTS}.")
         self._validate_vision_stem()
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init={self.weight_init!r} is not one of {WEIGHT_INITS}.")
         if self.action_decoding not in ACTION_DECODING_MODES:
             raise ValueError(f"action_decoding={self.action_decoding!r} is not one of {ACTION_DECODING_MODES}.")
         if self.action_decoding == "autoregressive" and self.action_chunk_size != 1:
@@ -340,7 +358,7 @@ class OpenVLAConfig(PreTrainedConfig):
         elif self.vision_config.hidden_size % (self.patch_size // 2):
             problems.append(f"a vision width divisible by patch_size // 2 = {self.patch_size // 2} (got {self.vision_config.hidden_size})")
         if problems:
-            raise ValueError(f"vision_stem='conv' needs {' and '.join(problems)}; or use vision_stem='patch'.")
+            raise ValueError(f"vision_stem={self.vision_stem!r} needs {' and '.join(problems)}; or use vision_stem='patch'.")
 
     @property
     def num_patches(self) -> int:
@@ -365,7 +383,7 @@ class OpenVLAConfig(PreTrainedConfig):
     def param_count(self) -> int:
         """Exact number of parameters of the model this config builds, computed from the config alone."""
         timm_layout = self.vision_layout == "timm"
-        vision = _vision_param_count(self.vision_config, timm_layout, conv_stem=self.vision_stem == "conv")
+        vision = _vision_param_count(self.vision_config, timm_layout, stem=self.vision_stem)
         if self.fused_vision_config is not None:
             vision += _vision_param_count(self.fused_vision_config, timm_layout)
         projector = _projector_param_count(self.vision_dim, self.hidden_dim, fused=self.fused_vision_config is not None)
@@ -524,21 +542,27 @@ def conv_stem_widths(patch_size: int, width: int) -> list[int]:
     return [width // 2 ** (num_convs - 1 - index) for index in range(num_convs)]
 
 
+def conv_stem_in_channels(num_channels: int, vision_stem: str) -> int:
+    """Input channels of the first convolution of a convolutional stem: the image's, plus the pixel coordinates for
+    `vision_stem="coordconv"`."""
+    return num_channels + (COORDINATE_CHANNELS if vision_stem == "coordconv" else 0)
+
+
 def _conv_stem_param_count(in_channels: int, patch_size: int, width: int) -> int:
     widths = conv_stem_widths(patch_size, width)
     convs = sum(_linear(9 * fan_in, fan_out) for fan_in, fan_out in zip([in_channels, *widths[:-1]], widths))
     return convs + _linear(width, width)
 
 
-def _vision_param_count(config: PreTrainedConfig, timm_layout: bool = False, conv_stem: bool = False) -> int:
+def _vision_param_count(config: PreTrainedConfig, timm_layout: bool = False, stem: str = "patch") -> int:
     """Parameters of a transformers Dinov2, Dinov2WithRegisters or SigLIP vision model built from `config` (with
     `timm_layout`, the DINOv2 model of `vision_layout="timm"`: no mask token, no class-token position embedding; with
-    `conv_stem`, the convolutional stem of `vision_stem="conv"` in place of the patch embedding)."""
+    `stem="conv"` or `"coordconv"`, that convolutional stem in place of the patch embedding)."""
     width = config.hidden_size
     patch = _as_square(config.patch_size, "patch_size")
     grid = (_as_square(config.image_size, "image_size") // patch) ** 2
-    if conv_stem:
-        patch_embedding = _conv_stem_param_count(config.num_channels, patch, width)
+    if stem != "patch":
+        patch_embedding = _conv_stem_param_count(conv_stem_in_channels(config.num_channels, stem), patch, width)
     else:
         patch_embedding = _linear(config.num_channels * patch * patch, width)
     if config.model_type in ("dinov2", "dinov2_with_registers"):

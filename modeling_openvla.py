@@ -45,10 +45,10 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 from transformers.utils import ModelOutput
 
 try:
-    from .configuration_openvla import OpenVLAConfig, conv_stem_widths
+    from .configuration_openvla import OpenVLAConfig, conv_stem_in_channels, conv_stem_widths
     from .processing_openvla import IGNORE_INDEX, ActionTokenizer
 except ImportError:
-    from configuration_openvla import OpenVLAConfig, conv_stem_widths
+    from configuration_openvla import OpenVLAConfig, conv_stem_in_channels, conv_stem_widths
     from processing_openvla import IGNORE_INDEX, ActionTokenizer
 
 
@@ -354,16 +354,33 @@ def sincos_2d_positions(grid: int, width: int) -> torch.Tensor:
 
 
 class OpenVLAConvStem(nn.Sequential):
-    """Convolutional patch embedding of `vision_stem="conv"`: 3x3 stride-2 convolutions with ReLU (widths from
-    `conv_stem_widths`), then a 1x1 convolution to the tower width. `[batch, channels, H, W]` ->
-    `[batch, width, H / patch_size, W / patch_size]`, the output shape of DINOv2's patch projection it replaces."""
+    """Convolutional patch embedding of `vision_stem="conv"` / `"coordconv"`: 3x3 stride-2 convolutions with ReLU
+    (widths from `conv_stem_widths`), then a 1x1 convolution to the tower width. `[batch, channels, H, W]` ->
+    `[batch, width, H / patch_size, W / patch_size]`, the output shape of DINOv2's patch projection it replaces.
 
-    def __init__(self, in_channels: int, patch_size: int, width: int):
+    With `coordinates=True` (CoordConv, Liu et al. 2018) the first convolution also sees each pixel's x and y, from -1
+    to 1, as two more channels: its ReLU features are then products of what and where from the first layer, so the
+    position of a small object is one pooling away, where additive position embeddings leave that product to be
+    learned deep in the network.
+    """
+
+    def __init__(self, in_channels: int, patch_size: int, width: int, coordinates: bool = False):
         widths = conv_stem_widths(patch_size, width)
+        first_in = conv_stem_in_channels(in_channels, "coordconv" if coordinates else "conv")
         layers: list[nn.Module] = []
-        for fan_in, fan_out in zip([in_channels, *widths[:-1]], widths):
+        for fan_in, fan_out in zip([first_in, *widths[:-1]], widths):
             layers += [nn.Conv2d(fan_in, fan_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
         super().__init__(*layers, nn.Conv2d(width, width, kernel_size=1))
+        self.coordinates = coordinates
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.coordinates:
+            batch, _, height, width = pixel_values.shape
+            kwargs = {"device": pixel_values.device, "dtype": pixel_values.dtype}
+            rows, columns = torch.meshgrid(torch.linspace(-1, 1, height, **kwargs), torch.linspace(-1, 1, width, **kwargs), indexing="ij")
+            grid = torch.stack([columns, rows]).expand(batch, -1, -1, -1)
+            pixel_values = torch.cat([pixel_values, grid], dim=1)
+        return super().forward(pixel_values)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -398,10 +415,10 @@ class OpenVLAVisionBackbone(nn.Module):
         )
         if isinstance(self.featurizer, (Dinov2Model, Dinov2WithRegistersModel)):
             self._start_with_sincos_positions(self.featurizer.embeddings.position_embeddings)
-        if config.vision_stem == "conv":
+        if config.vision_stem != "patch":
             vision = config.vision_config
             self.featurizer.embeddings.patch_embeddings.projection = OpenVLAConvStem(
-                vision.num_channels, config.patch_size, vision.hidden_size
+                vision.num_channels, config.patch_size, vision.hidden_size, coordinates=config.vision_stem == "coordconv"
             )
 
     @torch.no_grad()
@@ -515,12 +532,13 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         self.post_init()
         self._start_with_ordinal_action_embeddings()
         self._start_conv_stem()
+        self._start_with_fan_in_weights()
 
     @torch.no_grad()
     def _start_with_ordinal_action_embeddings(self) -> None:
         """A model built from scratch starts with the input and output embeddings of the action tokens set to 1-D
         sine-cosine embeddings of their bin index (frequencies from 1 down to `1 / num_action_bins` per bin, scaled to
-        the initializer's standard deviation), instead of random ones: neighbouring bins start alike and far bins
+        the initializer's standard deviation, or to `1 / sqrt(width)` with `weight_init="fan_in"`), instead of random ones: neighbouring bins start alike and far bins
         unlike, so a hidden state that moves a little moves the predicted bin a little, and the 256-way classification
         starts out ordinal, as the action values are. Pretrained weights loaded later replace them. Skipped for an odd
         decoder width."""
@@ -530,19 +548,32 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         tokenizer = self.action_tokenizer
         bins = torch.arange(self.config.num_action_bins - 1, -1, -1)  # token ids ascending = bins descending
         table = sincos_1d_positions(bins, output_embeddings.shape[1], base=self.config.num_action_bins)
-        table = table * (self.config.text_config.initializer_range * 2**0.5)
+        std = output_embeddings.shape[1] ** -0.5 if self.config.weight_init == "fan_in" else self.config.text_config.initializer_range
+        table = table * (std * 2**0.5)
         rows = slice(tokenizer.action_token_start, tokenizer.action_token_end)
         for embeddings in (output_embeddings, self.get_input_embeddings().weight):
             embeddings[rows] = table.to(embeddings.dtype)
 
     def _start_conv_stem(self) -> None:
         """`post_init` gives every convolution in the DINOv2 tower the tower's initialiser; a convolutional stem
-        (`vision_stem="conv"`) is started with its own He initialisation instead. Loaded weights replace it."""
-        if self.config.vision_stem != "conv":
+        (`vision_stem="conv"` or `"coordconv"`) is started with its own He initialisation instead. Loaded weights
+        replace it."""
+        if self.config.vision_stem == "patch":
             return
         stem = self.vision_backbone.featurizer.embeddings.patch_embeddings.projection
         if stem.weight.device.type != "meta":
             stem.reset_parameters()
+
+    @torch.no_grad()
+    def _start_with_fan_in_weights(self) -> None:
+        """With `weight_init="fan_in"`, every linear and convolution weight but the LM head's starts from a normal with
+        std `1 / sqrt(fan_in)` (biases, norms and embeddings keep their start). Loaded weights replace it."""
+        if self.config.weight_init != "fan_in":
+            return
+        head = self.get_output_embeddings()
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and module is not head and module.weight.device.type != "meta":
+                nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

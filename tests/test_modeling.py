@@ -227,30 +227,73 @@ def test_new_model_starts_with_ordinal_action_embeddings_and_loading_replaces_th
         sincos_1d_positions(torch.arange(4), 7)
 
 
+def test_fan_in_weight_init_starts_every_layer_at_unit_gain_and_loading_replaces_it(tokenizer, tmp_path):
+    """Every linear and convolution weight but the LM head's gets std 1 / sqrt(fan_in); the ordinal action-token rows
+    of the head are scaled the same way (std 1 / sqrt(width) instead of the initializer's 0.02)."""
+    standard = make_model(tokenizer)
+    model = make_model(tokenizer, weight_init="fan_in", vision_num_layers=2)
+    assert len(model.vision_backbone.featurizer.encoder.layer) == 2
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m is not head]
+    assert len(layers) > 20
+    for layer in layers:
+        weight = layer.weight
+        if weight.numel() >= 4096:
+            assert abs(weight.std().item() * weight[0].numel() ** 0.5 - 1) < 0.1
+    assert abs(standard.projector.fc1.weight.std().item() - 0.02) < 0.002  # the transformers initialiser
+    action_tokenizer = model.action_tokenizer
+    rows = slice(action_tokenizer.action_token_start, action_tokenizer.action_token_end)
+    standard_head = make_model(tokenizer, vision_num_layers=2).get_output_embeddings().weight
+    assert torch.equal(head.weight[: rows.start], standard_head[: rows.start])  # the LM head keeps its initialiser
+    width = head.weight.shape[1]
+    torch.testing.assert_close(head.weight[rows], standard_head[rows] * (width**-0.5 / model.config.text_config.initializer_range))
+    model.save_pretrained(tmp_path)
+    reloaded = OpenVLAForActionPrediction.from_pretrained(tmp_path).eval()
+    assert reloaded.config.weight_init == "fan_in"
+    batch = make_processor(tokenizer)(images=random_images(2), text=INSTRUCTIONS[:2])
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+
+
 CONV_STEM = {"patch_size": 8, "vision_stem": "conv"}
+COORDCONV_STEM = {"patch_size": 8, "vision_stem": "coordconv"}
 
 
-def test_conv_stem_keeps_the_patch_grid_starts_with_he_init_and_round_trips(tokenizer, tmp_path):
+@pytest.mark.parametrize("stem", [CONV_STEM, COORDCONV_STEM], ids=["conv", "coordconv"])
+def test_conv_stem_keeps_the_patch_grid_starts_with_he_init_and_round_trips(tokenizer, tmp_path, stem):
     from modeling_openvla import OpenVLAConvStem
 
-    model = make_model(tokenizer, **CONV_STEM)
-    stem = model.vision_backbone.featurizer.embeddings.patch_embeddings.projection
-    assert isinstance(stem, OpenVLAConvStem)
-    assert [conv.out_channels for conv in stem if isinstance(conv, torch.nn.Conv2d)] == [16, 32, 64, 64]
-    first = stem[0].weight
+    model = make_model(tokenizer, **stem)
+    conv_stem = model.vision_backbone.featurizer.embeddings.patch_embeddings.projection
+    assert isinstance(conv_stem, OpenVLAConvStem)
+    convs = [conv for conv in conv_stem if isinstance(conv, torch.nn.Conv2d)]
+    assert [conv.out_channels for conv in convs] == [16, 32, 64, 64]
+    assert convs[0].in_channels == (5 if stem["vision_stem"] == "coordconv" else 3)
+    first = conv_stem[0].weight
     assert abs(first.std().item() / (2 / first[0].numel()) ** 0.5 - 1) < 0.15  # He, not the tower's std of 0.02
     pixels = torch.randn(2, 3, 56, 56)
-    assert stem(pixels).shape == (2, 64, 7, 7)
+    assert conv_stem(pixels).shape == (2, 64, 7, 7)
     assert model.vision_backbone(pixels).shape == (2, model.config.num_patches, 64) == (2, 49, 64)
     model.save_pretrained(tmp_path)
     reloaded = OpenVLAForActionPrediction.from_pretrained(tmp_path).eval()
-    assert reloaded.config.vision_stem == "conv"
+    assert reloaded.config.vision_stem == stem["vision_stem"]
     batch = make_processor(tokenizer, patch_size=8)(images=random_images(2), text=INSTRUCTIONS[:2])
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
 
 
-@pytest.mark.parametrize("stem", [{}, CONV_STEM], ids=["patch", "conv-stem"])
+@pytest.mark.parametrize("stem, sees_where", [(CONV_STEM, False), (COORDCONV_STEM, True)], ids=["conv", "coordconv"])
+def test_only_the_coordconv_stem_tells_apart_places_of_a_uniform_image(tokenizer, stem, sees_where):
+    """Away from the zero-padded border a plain convolutional stem is translation invariant, so every interior cell of a
+    uniform image gets the same feature; the coordinate channels make each cell's feature say where it is."""
+    conv_stem = make_model(tokenizer, **stem).vision_backbone.featurizer.embeddings.patch_embeddings.projection
+    with torch.no_grad():
+        features = conv_stem(torch.ones(1, 3, 56, 56))[0, :, 2:5, 2:5].flatten(1)  # [width, 9 interior cells]
+    spread = (features - features[:, :1]).abs().max().item()
+    assert (spread > 1e-3) == sees_where
+
+
+@pytest.mark.parametrize("stem", [{}, CONV_STEM, COORDCONV_STEM], ids=["patch", "conv-stem", "coordconv-stem"])
 def test_actions_that_only_the_image_explains_are_learned(tokenizer, stem):
     """One instruction, 16 tabletop scenes, a random action per scene: a model that ignored the image could not get
     its loss below the entropy of 16 equally likely bins per dimension (ln 16 = 2.77); training must get far below."""
