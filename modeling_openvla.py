@@ -538,10 +538,10 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
     def _start_with_ordinal_action_embeddings(self) -> None:
         """A model built from scratch starts with the input and output embeddings of the action tokens set to 1-D
         sine-cosine embeddings of their bin index (frequencies from 1 down to `1 / num_action_bins` per bin, scaled to
-        the initializer's standard deviation, or to `1 / sqrt(width)` with `weight_init="fan_in"`), instead of random ones: neighbouring bins start alike and far bins
-        unlike, so a hidden state that moves a little moves the predicted bin a little, and the 256-way classification
-        starts out ordinal, as the action values are. Pretrained weights loaded later replace them. Skipped for an odd
-        decoder width."""
+        the initializer's standard deviation, or to `1 / sqrt(width)` with `weight_init="fan_in"`), instead of random
+        ones: neighbouring bins start alike and far bins unlike, so a hidden state that moves a little moves the
+        predicted bin a little, and the 256-way classification starts out ordinal, as the action values are.
+        Pretrained weights loaded later replace them. Skipped for an odd decoder width."""
         output_embeddings = self.get_output_embeddings().weight
         if output_embeddings.device.type == "meta" or output_embeddings.shape[1] % 2:
             return

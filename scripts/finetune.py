@@ -1,7 +1,8 @@
 """Fine-tune (or train from scratch) OpenVLA on robot demonstrations with the `Trainer`, optionally with LoRA.
 
-With no arguments it trains the small reference config from scratch on the built-in tabletop demonstrations,
-evaluates it in closed loop on held-out episodes and writes a Hub-ready folder to `outputs/finetune`:
+With no arguments it trains a model from scratch (the small reference config with the overrides of
+`FROM_SCRATCH_RECIPE`) on the built-in tabletop demonstrations (reach goals), evaluates it in closed loop on held-out
+episodes and writes a Hub-ready folder to `outputs/finetune`:
 
     python scripts/finetune.py
     python scripts/finetune.py --model_name_or_path outputs/finetune --use_lora --output_dir outputs/lora
