@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tabletop import DEFAULT_TASK_KINDS, TASK_KINDS, evaluate_policy, expert_policy, random_policy  # noqa: E402
+from tabletop import TASK_KINDS, evaluate_policy, expert_policy, random_policy  # noqa: E402
 
 from modeling_openvla import OpenVLAPolicy  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=50, help="Episodes stepped together.")
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     parser.add_argument("--strip", type=Path, default=None, help="Write a PNG strip of a few episodes here.")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(DEFAULT_TASK_KINDS), help="Goal kinds of the episodes.")
+    parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="Goal kinds of the episodes.")
     args = parser.parse_args()
 
     from transformers import AutoModel, AutoProcessor

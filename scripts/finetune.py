@@ -1,7 +1,7 @@
 """Fine-tune (or train from scratch) OpenVLA on robot demonstrations with the `Trainer`, optionally with LoRA.
 
 With no arguments it trains a model from scratch (the small reference config with the overrides of
-`FROM_SCRATCH_RECIPE`) on the built-in tabletop demonstrations (reach goals), evaluates it in closed loop on held-out
+`FROM_SCRATCH_RECIPE`) on the built-in tabletop demonstrations, evaluates it in closed loop on held-out
 episodes and writes a Hub-ready folder to `outputs/finetune`:
 
     python scripts/finetune.py
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accelerate.utils import gather_object  # noqa: E402
 from evaluate import evaluate_model  # noqa: E402
 from model_card import push_folder, write_model_card  # noqa: E402
-from tabletop import DEFAULT_TASK_KINDS, TASK_KINDS, check_task_kinds, generate_demonstrations  # noqa: E402
+from tabletop import TASK_KINDS, check_task_kinds, generate_demonstrations  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModel,
     AutoProcessor,
@@ -131,7 +131,7 @@ class DataArguments:
     )
     num_demo_episodes: int = field(default=4000, metadata={"help": "Episodes of built-in tabletop demonstrations."})
     demo_tasks: str = field(
-        default=",".join(DEFAULT_TASK_KINDS),
+        default=",".join(TASK_KINDS),
         metadata={"help": "Comma-separated goal kinds of the built-in demos and closed-loop episodes: 'reach', 'push' or both ('reach,push')."},
     )
     closed_loop_episodes: int = field(

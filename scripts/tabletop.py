@@ -70,9 +70,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("block", "ball")
 TASK_KINDS = ("reach", "push")
-# Goal kinds of the command lines' defaults (the main job's demonstrations and closed-loop episodes, scripts/evaluate.py):
-# reach goals only, the kind a model trained from scratch for a few CPU minutes learns (README, main job).
-DEFAULT_TASK_KINDS = ("reach",)
 DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0),
     "right": (1.0, 0.0),
@@ -561,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-objects", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--dataset-name", default="tabletop")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(DEFAULT_TASK_KINDS), help="goal kinds to sample")
+    parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="goal kinds to sample")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
