@@ -542,10 +542,10 @@ def conv_stem_widths(patch_size: int, width: int) -> list[int]:
     return [width // 2 ** (num_convs - 1 - index) for index in range(num_convs)]
 
 
-def conv_stem_in_channels(num_channels: int, vision_stem: str) -> int:
-    """Input channels of the first convolution of a convolutional stem: the image's, plus the pixel coordinates for
-    `vision_stem="coordconv"`."""
-    return num_channels + (COORDINATE_CHANNELS if vision_stem == "coordconv" else 0)
+def conv_stem_in_channels(num_channels: int, coordinates: bool) -> int:
+    """Input channels of the first convolution of a convolutional stem: the image's, plus the pixel coordinates when
+    `coordinates` (`vision_stem="coordconv"`)."""
+    return num_channels + (COORDINATE_CHANNELS if coordinates else 0)
 
 
 def _conv_stem_param_count(in_channels: int, patch_size: int, width: int) -> int:
@@ -562,7 +562,7 @@ def _vision_param_count(config: PreTrainedConfig, timm_layout: bool = False, ste
     patch = _as_square(config.patch_size, "patch_size")
     grid = (_as_square(config.image_size, "image_size") // patch) ** 2
     if stem != "patch":
-        patch_embedding = _conv_stem_param_count(conv_stem_in_channels(config.num_channels, stem), patch, width)
+        patch_embedding = _conv_stem_param_count(conv_stem_in_channels(config.num_channels, coordinates=stem == "coordconv"), patch, width)
     else:
         patch_embedding = _linear(config.num_channels * patch * patch, width)
     if config.model_type in ("dinov2", "dinov2_with_registers"):

@@ -366,7 +366,7 @@ class OpenVLAConvStem(nn.Sequential):
 
     def __init__(self, in_channels: int, patch_size: int, width: int, coordinates: bool = False):
         widths = conv_stem_widths(patch_size, width)
-        first_in = conv_stem_in_channels(in_channels, "coordconv" if coordinates else "conv")
+        first_in = conv_stem_in_channels(in_channels, coordinates)
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip([first_in, *widths[:-1]], widths):
             layers += [nn.Conv2d(fan_in, fan_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]

@@ -230,7 +230,7 @@ def test_new_model_starts_with_ordinal_action_embeddings_and_loading_replaces_th
 def test_fan_in_weight_init_starts_every_layer_at_unit_gain_and_loading_replaces_it(tokenizer, tmp_path):
     """Every linear and convolution weight but the LM head's gets std 1 / sqrt(fan_in); the ordinal action-token rows
     of the head are scaled the same way (std 1 / sqrt(width) instead of the initializer's 0.02)."""
-    standard = make_model(tokenizer)
+    standard = make_model(tokenizer, vision_num_layers=2)
     model = make_model(tokenizer, weight_init="fan_in", vision_num_layers=2)
     assert len(model.vision_backbone.featurizer.encoder.layer) == 2
     head = model.get_output_embeddings()
@@ -243,7 +243,7 @@ def test_fan_in_weight_init_starts_every_layer_at_unit_gain_and_loading_replaces
     assert abs(standard.projector.fc1.weight.std().item() - 0.02) < 0.002  # the transformers initialiser
     action_tokenizer = model.action_tokenizer
     rows = slice(action_tokenizer.action_token_start, action_tokenizer.action_token_end)
-    standard_head = make_model(tokenizer, vision_num_layers=2).get_output_embeddings().weight
+    standard_head = standard.get_output_embeddings().weight
     assert torch.equal(head.weight[: rows.start], standard_head[: rows.start])  # the LM head keeps its initialiser
     width = head.weight.shape[1]
     torch.testing.assert_close(head.weight[rows], standard_head[rows] * (width**-0.5 / model.config.text_config.initializer_range))
