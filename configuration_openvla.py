@@ -19,6 +19,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 ACTION_BINNING_SCHEMES = ("reference", "openvla")
 ACTION_DECODING_MODES = ("autoregressive", "parallel")
+ACTION_HEADS = ("tokens", "l1_regression")
 VISION_LAYOUTS = ("transformers", "timm")
 VISION_STEMS = ("patch", "conv", "coordconv")
 WEIGHT_INITS = ("standard", "fan_in")
@@ -145,6 +146,12 @@ class OpenVLAConfig(PreTrainedConfig):
         action_decoding (`str`, defaults to `"autoregressive"`): `"autoregressive"` predicts one action token per
             step with a KV cache; `"parallel"` predicts every action token of a chunk in one forward pass.
         action_chunk_size (`int`, defaults to 1): actions predicted per call in parallel decoding.
+        action_head (`str`, defaults to `"tokens"`): `"tokens"` predicts each action dimension as one of
+            `num_action_bins` action tokens with the LM head (OpenVLA). `"l1_regression"` (OpenVLA-OFT, Kim et al.
+            2025) maps the final hidden state of each action query through a two-layer MLP (`action_head` module) to
+            one action value in normalised units, trained with an L1 loss; it needs `action_decoding="parallel"`. Its
+            targets are the values of the label tokens' bins (so the processor, collator and datasets are the same for
+            both heads; the bins quantise a target by at most `(action_max - action_min) / (num_action_bins - 1)`).
         vision_layout (`str`, defaults to `"transformers"`): `"transformers"` uses transformers' vision models as
             they are; `"timm"` keeps the parameter set of the timm towers of official OpenVLA checkpoints (DINOv2
             position embeddings for the patches only, no DINOv2 mask token, SigLIP attention-pooling head kept but not
@@ -207,6 +214,7 @@ class OpenVLAConfig(PreTrainedConfig):
     action_binning: str = "reference"
     action_decoding: str = "autoregressive"
     action_chunk_size: int = 1
+    action_head: str = "tokens"
     vision_layout: str = "transformers"
     vision_stem: str = "patch"
     weight_init: str = "standard"
@@ -334,6 +342,13 @@ class OpenVLAConfig(PreTrainedConfig):
                 f"action_chunk_size={self.action_chunk_size} needs action_decoding='parallel'; autoregressive decoding "
                 "predicts one action per call."
             )
+        if self.action_head not in ACTION_HEADS:
+            raise ValueError(f"action_head={self.action_head!r} is not one of {ACTION_HEADS}.")
+        if self.action_head == "l1_regression" and self.action_decoding != "parallel":
+            raise ValueError(
+                "action_head='l1_regression' needs action_decoding='parallel': the regression head reads the hidden "
+                "states of the action queries."
+            )
         if self.fused_vision_config is not None:
             fused = self.fused_vision_config
             if _as_square(fused.patch_size, "fused_vision_config.patch_size") != self.patch_size or (
@@ -388,7 +403,8 @@ class OpenVLAConfig(PreTrainedConfig):
             vision += _vision_param_count(self.fused_vision_config, timm_layout)
         projector = _projector_param_count(self.vision_dim, self.hidden_dim, fused=self.fused_vision_config is not None)
         queries = self.action_chunk_size * self.action_dim * self.hidden_dim if self.action_decoding == "parallel" else 0
-        return vision + projector + _llama_param_count(self.text_config) + queries
+        head = _linear(self.hidden_dim, self.hidden_dim) + _linear(self.hidden_dim, 1) if self.action_head == "l1_regression" else 0
+        return vision + projector + _llama_param_count(self.text_config) + queries + head
 
     @classmethod
     def recommended_defaults(cls, **overrides) -> "OpenVLAConfig":

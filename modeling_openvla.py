@@ -52,6 +52,27 @@ except ImportError:
     from processing_openvla import IGNORE_INDEX, ActionTokenizer
 
 
+def regression_loss(
+    predicted: torch.Tensor, target: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean absolute error over every action dimension (the loss of `action_head="l1_regression"`).
+
+    Args:
+        predicted: `[batch, ...]` actions in normalised units, e.g. `[batch, action_dim]`.
+        target: the same shape.
+        num_items_in_batch: if given (the `Trainer` passes it), the summed error is divided by this count of targets
+            instead of averaged over this batch's.
+
+    Returns:
+        Scalar loss.
+    """
+    if predicted.shape != target.shape:
+        raise ValueError(f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} actions disagree.")
+    if num_items_in_batch is None:
+        return F.l1_loss(predicted.float(), target.float())
+    return F.l1_loss(predicted.float(), target.float(), reduction="sum") / num_items_in_batch
+
+
 def vla_loss(
     action_logits: torch.Tensor, target_bins: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -86,7 +107,9 @@ class OpenVLAOutput(ModelOutput):
         training mode with `labels` unless `logits_to_keep` is given (see `forward`).
     action_logits (`torch.FloatTensor` `[batch, action_dim, num_action_bins]`, *optional*): logits of the action bins
         at the action positions (`[batch, chunk, action_dim, num_action_bins]` for parallel decoding with chunks);
-        present when the input holds action tokens (`labels`) or in parallel decoding.
+        present when the input holds action tokens (`labels`) or in parallel decoding, with `action_head="tokens"`.
+    normalized_actions (`torch.FloatTensor` `[batch, action_dim]`, *optional*): the actions of
+        `action_head="l1_regression"`, in normalised units (`[batch, chunk, action_dim]` with chunks).
     cache (`Cache`, *optional*): KV cache of the decoder.
     hidden_states, attentions: as returned by the decoder when requested.
     """
@@ -94,6 +117,7 @@ class OpenVLAOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     action_logits: torch.FloatTensor | None = None
+    normalized_actions: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -472,6 +496,21 @@ class OpenVLAProjector(nn.Module):
         return hidden_states
 
 
+class OpenVLAActionHead(nn.Module):
+    """Continuous action head of `action_head="l1_regression"` (OpenVLA-OFT): `fc1 -> GELU -> fc2` maps the final
+    hidden state of each action query to one action value in normalised units."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[batch, num_action_tokens, hidden_dim]` -> `[batch, num_action_tokens]`."""
+        return self.fc2(self.act(self.fc1(hidden_states))).squeeze(-1)
+
+
 class ActionTokenRange(LogitsProcessor):
     """Restricts greedy decoding to the action tokens `[start, end)`."""
 
@@ -510,7 +549,8 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
 
     Submodules keep the official OpenVLA names: `vision_backbone` (`featurizer`, `fused_featurizer`), `projector`
     (`fc1`, `fc2`, `fc3`) and `language_model` (a `LlamaForCausalLM`). In parallel decoding, `action_queries` holds one
-    learned embedding per predicted action token.
+    learned embedding per predicted action token, and with `action_head="l1_regression"` the `action_head` MLP turns
+    their final hidden states into continuous actions.
     """
 
     def __init__(self, config: OpenVLAConfig):
@@ -529,6 +569,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             if config.action_decoding == "parallel"
             else None
         )
+        self.action_head = OpenVLAActionHead(config.hidden_dim) if config.action_head == "l1_regression" else None
         self.post_init()
         self._start_with_ordinal_action_embeddings()
         self._start_conv_stem()
@@ -724,7 +765,8 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
 
         Returns:
             `OpenVLAOutput`; `action_logits` is `[batch, action_dim, num_action_bins]` (with a chunk dimension after
-            `batch` for parallel decoding with chunks).
+            `batch` for parallel decoding with chunks), or with `action_head="l1_regression"` `normalized_actions` is
+            `[batch, action_dim]` (likewise).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -761,16 +803,27 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         elif labels is not None:
             predicts_action = self._action_positions(labels)[:, 1:]
             action_hidden = hidden_states[:, :-1][predicts_action].view(batch_size, self.num_action_tokens, -1)
+        normalized_actions = None
         if parallel or labels is not None:
-            action_logits = self._bin_logits(action_hidden)
             if labels is not None:
                 target_bins = self.action_tokenizer.token_ids_to_bins(labels[labels != IGNORE_INDEX])
-                loss = vla_loss(action_logits, target_bins.view(batch_size, self.num_action_tokens), num_items_in_batch)
-            action_logits = self._chunked(action_logits)
+                target_bins = target_bins.view(batch_size, self.num_action_tokens)
+            if self.action_head is not None:
+                normalized_actions = self.action_head(action_hidden)
+                if labels is not None:
+                    target = self.action_tokenizer.bins_to_normalized_actions(target_bins)
+                    loss = regression_loss(normalized_actions, target, num_items_in_batch)
+                normalized_actions = self._chunked(normalized_actions)
+            else:
+                action_logits = self._bin_logits(action_hidden)
+                if labels is not None:
+                    loss = vla_loss(action_logits, target_bins, num_items_in_batch)
+                action_logits = self._chunked(action_logits)
         return OpenVLAOutput(
             loss=loss,
             logits=logits,
             action_logits=action_logits,
+            normalized_actions=normalized_actions,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -797,6 +850,11 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         Returns:
             `[batch, action_dim, num_action_bins]`, or `[batch, chunk, action_dim, num_action_bins]` with chunks.
         """
+        if self.action_head is not None:
+            raise ValueError(
+                "This model has a continuous action head (action_head='l1_regression') and predicts no action logits; "
+                "use predict_action (or forward's normalized_actions)."
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.config.action_decoding == "parallel":
@@ -845,6 +903,11 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         """
         tokenizer = self.action_tokenizer
         tokenizer.stats_for(unnorm_key)
+        if self.action_head is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            outputs = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=1)
+            return tokenizer.normalized_to_actions(outputs.normalized_actions, unnorm_key)
         bins = self.predict_action_logits(input_ids, attention_mask, pixel_values).argmax(-1)
         return tokenizer.bins_to_actions(bins, unnorm_key)
 
@@ -992,4 +1055,4 @@ class OpenVLAPolicy:
 OpenVLAConfig.register_for_auto_class()
 OpenVLAForActionPrediction.register_for_auto_class("AutoModel")
 
-__all__ = ["OpenVLAForActionPrediction", "OpenVLAPolicy", "OpenVLAPreTrainedModel", "vla_loss"]
+__all__ = ["OpenVLAForActionPrediction", "OpenVLAPolicy", "OpenVLAPreTrainedModel", "regression_loss", "vla_loss"]

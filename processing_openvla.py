@@ -341,10 +341,18 @@ class ActionTokenizer:
 
         Computed in float64 and rounded once at the end, so official checkpoints give the official actions (which are
         float64) rounded to float32."""
+        return _like(self.normalized_to_actions(_bin_values(bins, **self._bin_options()), unnorm_key), bins)
+
+    def normalized_to_actions(self, values: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
+        """Actions in normalised units `[..., action_dim]` -> raw actions (unnormalised when statistics are known),
+        float32, same array type as `values`."""
         stats = self.stats_for(unnorm_key)
-        values = _bin_values(bins, **self._bin_options())
-        actions = values if stats is None else unnormalize_actions(values, stats)
-        return _like(np.asarray(actions, dtype=np.float32), bins)
+        actions = _to_numpy(values).astype(np.float64) if stats is None else unnormalize_actions(_to_numpy(values), stats)
+        return _like(np.asarray(actions, dtype=np.float32), values)
+
+    def normalized_to_bins(self, values: ArrayLike) -> ArrayLike:
+        """Actions in normalised units `[..., action_dim]` -> their bins (values outside the range clip to its ends)."""
+        return tokenize_actions(values, **self._bin_options())
 
     def decode(self, token_ids: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
         """Action token ids `[..., action_dim]` -> raw actions."""

@@ -352,6 +352,8 @@ def apply_training_mode(model: OpenVLAForActionPrediction, model_args: ModelArgu
     modules_to_save = [name for name in model_args.lora_modules_to_save.split(",") if name]
     if model.action_queries is not None:
         modules_to_save.append("action_queries")
+    if model.action_head is not None:
+        modules_to_save.append("action_head")
     lora_config = LoraConfig(
         r=model_args.lora_rank,
         lora_alpha=model_args.lora_alpha,
@@ -385,10 +387,17 @@ def make_compute_metrics(processor: OpenVLAProcessor, eval_names: list[str]):
     return compute_metrics
 
 
-def predicted_bins(logits, labels) -> torch.Tensor:
-    """Keep only the argmax bins of `action_logits` during evaluation (the full LM logits are not needed)."""
-    action_logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-    return action_logits.argmax(-1)
+def make_predicted_bins(config: OpenVLAConfig):
+    """`preprocess_logits_for_metrics` for the model's action head: keep only the predicted bins during evaluation
+    (the argmax of `action_logits`, or the bins of the regression head's `normalized_actions`)."""
+    tokenizer = ActionTokenizer.from_config(config)
+    continuous = config.action_head == "l1_regression"
+
+    def predicted_bins(logits, labels=None) -> torch.Tensor:
+        values = logits[0] if isinstance(logits, (tuple, list)) else logits
+        return tokenizer.normalized_to_bins(values) if continuous else values.argmax(-1)
+
+    return predicted_bins
 
 
 @torch.no_grad()
@@ -405,10 +414,12 @@ def image_reliance(model: torch.nn.Module, dataset: torch.utils.data.Dataset, co
     device = next(model.parameters()).device
     batch = {name: value.to(device) for name, value in collator([dataset[int(row)] for row in rows]).items()}
     swapped = {**batch, "pixel_values": batch["pixel_values"].roll(1, dims=0)}
+    to_bins = make_predicted_bins(model.config)
+    field = "normalized_actions" if model.config.action_head == "l1_regression" else "action_logits"
     was_training = model.training
     model.eval()
-    own = model(**batch).action_logits.argmax(-1)
-    other = model(**swapped).action_logits.argmax(-1)
+    own = to_bins(getattr(model(**batch), field))
+    other = to_bins(getattr(model(**swapped), field))
     model.train(was_training)
     return float((own != other).float().mean())
 
@@ -499,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=processor.data_collator,
         processing_class=processor,  # saved into every checkpoint, so a checkpoint folder loads like the final one
         compute_metrics=make_compute_metrics(processor, eval_names) if eval_dataset is not None else None,
-        preprocess_logits_for_metrics=predicted_bins,
+        preprocess_logits_for_metrics=make_predicted_bins(model.config),
         callbacks=[EpochCallback(train_dataset)],
     )
     train_result = trainer.train(resume_from_checkpoint=_resume_argument(training_args.resume_from_checkpoint))

@@ -157,6 +157,49 @@ def test_image_reliance_tells_a_blind_model_from_one_that_sees(tokenizer):
         finetune.image_reliance(seeing, rows[:1], processor.data_collator)
 
 
+REGRESSION_HEAD = {"action_decoding": "parallel", "action_head": "l1_regression"}
+
+
+def test_lora_trains_the_regression_head_fully_and_merges_exactly(tokenizer):
+    torch.manual_seed(0)
+    model = finetune.apply_training_mode(make_model(tokenizer, **REGRESSION_HEAD), finetune.ModelArguments(use_lora=True, lora_rank=4))
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    head = sorted(name.split("modules_to_save.default.")[1] for name in trainable if "action_head" in name)
+    assert head == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]  # the whole head, no LoRA inside it
+    processor = make_processor(tokenizer)
+    batch = processor(images=random_images(4), text=["go to the red block"] * 4, actions=np.full((4, 7), 0.5))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    model.eval()
+    inputs = processor(images=random_images(2), text=["go to the red block", "push the blue ball up"])
+    unmerged = model.predict_action(**inputs)
+    torch.testing.assert_close(model.merge_and_unload().predict_action(**inputs), unmerged, atol=1e-5, rtol=0)
+
+
+def test_eval_bins_of_the_regression_head(tokenizer):
+    """The eval metrics and image reliance read the regression head's actions as bins."""
+    model = make_model(tokenizer, **REGRESSION_HEAD)
+    to_bins = finetune.make_predicted_bins(model.config)
+    values = torch.tensor([[-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, -3.0]])
+    assert to_bins((values,)).tolist() == [[0, 63, 127, 191, 255, 255, 0]]
+    processor = make_processor(tokenizer)
+    actions = np.random.default_rng(3).uniform(-1, 1, (8, 7))
+    rows = [processor.process_example(image, "go to the red block", action) for image, action in zip(random_images(8, seed=3), actions)]
+    assert finetune.image_reliance(model, rows, processor.data_collator) > 0.1
+    with torch.no_grad():
+        model.projector.fc2.weight.zero_()
+        model.projector.fc2.bias.zero_()
+    assert finetune.image_reliance(model, rows, processor.data_collator) == 0.0
+
+
 def test_frozen_vision_backbone_stays_fixed(tokenizer):
     model = finetune.apply_training_mode(make_model(tokenizer), finetune.ModelArguments(freeze_vision_backbone=True))
     assert not any(p.requires_grad for p in model.vision_backbone.parameters())

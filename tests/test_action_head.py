@@ -1,0 +1,156 @@
+"""The continuous action head (`action_head="l1_regression"`, OpenVLA-OFT): shapes, loss, training, batching,
+unnormalisation, save/load, parameter count and configuration errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from configuration_openvla import OpenVLAConfig
+from modeling_openvla import OpenVLAForActionPrediction, regression_loss
+from processing_openvla import (
+    OpenVLAImageProcessor,
+    OpenVLAProcessor,
+    compute_action_stats,
+    detokenize_actions,
+    tokenize_actions,
+    unnormalize_actions,
+)
+
+TOKENIZER_PATH = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
+IMAGE_SIZE = 56
+ACTION_DIM = 7
+TINY = dict(hidden_dim=64, num_layers=2, num_heads=2, num_kv_heads=1, vision_dim=64, image_size=IMAGE_SIZE, dropout=0.0)
+INSTRUCTIONS = ["pick up the red block and put it in the green bowl", "go left", "push the blue ball to the right"]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER_PATH)
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return OpenVLAProcessor(image_processor=OpenVLAImageProcessor(image_size=IMAGE_SIZE), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) for _ in range(len(INSTRUCTIONS))]
+
+
+def make_model(tokenizer, chunk=1, seed=0, **overrides) -> OpenVLAForActionPrediction:
+    torch.manual_seed(seed)
+    config = OpenVLAConfig.small_config(
+        vocab_size=len(tokenizer),
+        action_decoding="parallel",
+        action_head="l1_regression",
+        action_chunk_size=chunk,
+        **{**TINY, **overrides},
+    )
+    return OpenVLAForActionPrediction(config).eval()
+
+
+def random_actions(batch, chunk, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (batch, ACTION_DIM) if chunk == 1 else (batch, chunk, ACTION_DIM)
+    return rng.uniform(-1, 1, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_regression_head_shapes(tokenizer, processor, images, chunk):
+    model = make_model(tokenizer, chunk=chunk)
+    inputs = processor(images=images[:2], text=INSTRUCTIONS[:2])
+    expected = (2, ACTION_DIM) if chunk == 1 else (2, chunk, ACTION_DIM)
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.loss is None and out.action_logits is None
+    assert tuple(out.normalized_actions.shape) == expected
+    actions = model.predict_action(**inputs)
+    assert actions.dtype == torch.float32
+    torch.testing.assert_close(actions, out.normalized_actions)  # no statistics: the actions stay normalised
+    with pytest.raises(ValueError, match="predict_action"):
+        model.predict_action_logits(**inputs)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_loss_is_l1_to_the_label_bins(tokenizer, processor, images, chunk):
+    """The targets are the values of the label tokens' bins, within one bin width of the actions given."""
+    model = make_model(tokenizer, chunk=chunk)
+    actions = random_actions(3, chunk)
+    with torch.no_grad():
+        out = model(**processor(images=images, text=INSTRUCTIONS, actions=actions))
+    target = detokenize_actions(tokenize_actions(actions))
+    assert np.abs(target - actions).max() <= 2 / 255 + 1e-6
+    torch.testing.assert_close(out.loss, regression_loss(out.normalized_actions, torch.as_tensor(target)))
+    torch.testing.assert_close(out.loss, (out.normalized_actions - torch.as_tensor(target)).abs().mean())
+
+
+def test_regression_training_fits_the_actions(tokenizer, processor, images):
+    model = make_model(tokenizer, chunk=2).train()
+    actions = random_actions(3, 2, seed=3)
+    batch = processor(images=images, text=INSTRUCTIONS, actions=actions)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    first = None
+    for _ in range(60):
+        loss = model(**batch).loss
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    predicted = model.predict_action(**processor(images=images, text=INSTRUCTIONS))
+    error = (predicted - torch.as_tensor(actions)).abs().mean().item()
+    assert error < 0.2 * first, (first, error)
+
+
+def test_batched_prediction_equals_single(tokenizer, processor, images):
+    model = make_model(tokenizer, chunk=3, rope=True)
+    batch = processor(images=images, text=INSTRUCTIONS)
+    assert len(set(batch["attention_mask"].sum(-1).tolist())) == len(INSTRUCTIONS)  # really padded
+    actions = model.predict_action(**batch)
+    for row, (image, instruction) in enumerate(zip(images, INSTRUCTIONS, strict=True)):
+        torch.testing.assert_close(actions[row], model.predict_action(**processor(images=image, text=instruction))[0], atol=1e-5, rtol=0)
+
+
+def test_predict_action_unnormalises_with_the_statistics(tokenizer, processor, images):
+    model = make_model(tokenizer)
+    stats = compute_action_stats(np.random.default_rng(1).normal(0, 3, (200, ACTION_DIM)))
+    model.config.norm_stats = {"robot": stats}
+    inputs = processor(images=images, text=INSTRUCTIONS)
+    with torch.no_grad():
+        normalized = model(**inputs).normalized_actions
+    expected = torch.as_tensor(unnormalize_actions(normalized.numpy(), stats))
+    torch.testing.assert_close(model.predict_action(**inputs), expected)
+    torch.testing.assert_close(model.predict_action(**inputs, unnorm_key="robot"), expected)
+    with pytest.raises(ValueError, match="elsewhere"):
+        model.predict_action(**inputs, unnorm_key="elsewhere")
+
+
+def test_save_load_keeps_the_head(tokenizer, processor, images, tmp_path):
+    model = make_model(tokenizer, chunk=2)
+    inputs = processor(images=images, text=INSTRUCTIONS)
+    expected = model.predict_action(**inputs)
+    model.save_pretrained(tmp_path)
+    loaded = OpenVLAForActionPrediction.from_pretrained(tmp_path).eval()
+    assert loaded.config.action_head == "l1_regression"
+    assert torch.equal(loaded.action_head.fc2.weight, model.action_head.fc2.weight)
+    assert torch.equal(loaded.predict_action(**inputs), expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_param_count_is_exact(tokenizer, chunk):
+    model = make_model(tokenizer, chunk=chunk)
+    assert model.config.param_count() == sum(p.numel() for p in model.parameters())
+
+
+def test_regression_head_needs_parallel_decoding():
+    with pytest.raises(ValueError, match="action_decoding='parallel'"):
+        OpenVLAConfig.small_config(action_head="l1_regression")
+    with pytest.raises(ValueError, match="action_head='mse'"):
+        OpenVLAConfig.small_config(action_decoding="parallel", action_head="mse")
