@@ -351,8 +351,14 @@ class ActionTokenizer:
         return _like(np.asarray(actions, dtype=np.float32), values)
 
     def normalized_to_bins(self, values: ArrayLike) -> ArrayLike:
-        """Actions in normalised units `[..., action_dim]` -> their bins (values outside the range clip to its ends)."""
-        return tokenize_actions(values, **self._bin_options())
+        """Actions in normalised units `[..., action_dim]` (e.g. a regression head's output) -> the bins whose values
+        (`bins_to_normalized_actions`) are nearest, so a bin's own value maps back to it; values outside the range go
+        to the end bins."""
+        table = _bin_values(np.arange(self.num_action_bins), **self._bin_options())
+        array = _to_numpy(values).astype(np.float64)
+        upper = np.clip(np.searchsorted(table, array), 1, len(table) - 1)
+        lower_is_nearer = array - table[upper - 1] <= table[upper] - array
+        return _like(upper - lower_is_nearer, values)
 
     def decode(self, token_ids: ArrayLike, unnorm_key: str | None = None) -> ArrayLike:
         """Action token ids `[..., action_dim]` -> raw actions."""

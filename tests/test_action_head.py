@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction, regression_loss
 from processing_openvla import (
+    ActionTokenizer,
     OpenVLAImageProcessor,
     OpenVLAProcessor,
     compute_action_stats,
@@ -154,3 +155,15 @@ def test_regression_head_needs_parallel_decoding():
         OpenVLAConfig.small_config(action_head="l1_regression")
     with pytest.raises(ValueError, match="action_head='mse'"):
         OpenVLAConfig.small_config(action_decoding="parallel", action_head="mse")
+
+
+@pytest.mark.parametrize("scheme", ["reference", "openvla"])
+def test_nearest_bins_of_normalized_values(scheme):
+    """`normalized_to_bins` (the eval bins of the regression head) gives each bin's own value back, a value just
+    below or above a bin's value that bin, and the end bins beyond the range."""
+    tokenizer = ActionTokenizer.from_config(OpenVLAConfig.small_config(action_binning=scheme))
+    bins = np.arange(tokenizer.num_action_bins)
+    values = tokenizer.bins_to_normalized_actions(bins)
+    for shift in (0.0, -1e-4, 1e-4):
+        np.testing.assert_array_equal(tokenizer.bins_to_normalized_actions(tokenizer.normalized_to_bins(values + shift)), values)
+    assert tokenizer.normalized_to_bins(torch.tensor([-3.0, 3.0])).tolist() == [0, tokenizer.num_action_bins - 1]
