@@ -20,6 +20,7 @@ from transformers.configuration_utils import SubConfigSpec
 ACTION_BINNING_SCHEMES = ("reference", "openvla")
 ACTION_DECODING_MODES = ("autoregressive", "parallel")
 ACTION_HEADS = ("tokens", "l1_regression")
+PREFIX_ATTENTION_MODES = ("causal", "bidirectional")
 VISION_LAYOUTS = ("transformers", "timm")
 VISION_STEMS = ("patch", "conv", "coordconv")
 WEIGHT_INITS = ("standard", "fan_in")
@@ -152,6 +153,11 @@ class OpenVLAConfig(PreTrainedConfig):
             one action value in normalised units, trained with an L1 loss; it needs `action_decoding="parallel"`. Its
             targets are the values of the label tokens' bins (so the processor, collator and datasets are the same for
             both heads; the bins quantise a target by at most `(action_max - action_min) / (num_action_bins - 1)`).
+        prefix_attention (`str`, defaults to `"causal"`): how the prefix (BOS, image patches and prompt, everything
+            before the action queries) attends to itself in parallel decoding. `"causal"` is OpenVLA's decoder mask;
+            `"bidirectional"` lets every prefix token see the whole prefix, as in PaliGemma's and pi0's prefix-LM, so
+            the image patches also see the instruction, which comes after them. It needs
+            `action_decoding="parallel"`.
         vision_layout (`str`, defaults to `"transformers"`): `"transformers"` uses transformers' vision models as
             they are; `"timm"` keeps the parameter set of the timm towers of official OpenVLA checkpoints (DINOv2
             position embeddings for the patches only, no DINOv2 mask token, SigLIP attention-pooling head kept but not
@@ -215,6 +221,7 @@ class OpenVLAConfig(PreTrainedConfig):
     action_decoding: str = "autoregressive"
     action_chunk_size: int = 1
     action_head: str = "tokens"
+    prefix_attention: str = "causal"
     vision_layout: str = "transformers"
     vision_stem: str = "patch"
     weight_init: str = "standard"
@@ -348,6 +355,13 @@ class OpenVLAConfig(PreTrainedConfig):
             raise ValueError(
                 "action_head='l1_regression' needs action_decoding='parallel': the regression head reads the hidden "
                 "states of the action queries."
+            )
+        if self.prefix_attention not in PREFIX_ATTENTION_MODES:
+            raise ValueError(f"prefix_attention={self.prefix_attention!r} is not one of {PREFIX_ATTENTION_MODES}.")
+        if self.prefix_attention == "bidirectional" and self.action_decoding != "parallel":
+            raise ValueError(
+                "prefix_attention='bidirectional' needs action_decoding='parallel': autoregressive decoding extends the "
+                "prompt token by token with a causal KV cache."
             )
         if self.fused_vision_config is not None:
             fused = self.fused_vision_config

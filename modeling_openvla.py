@@ -725,8 +725,11 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
     def _parallel_attention_mask(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, query_mask: torch.Tensor
     ):
-        """Causal over the prompt, bidirectional among the action queries (one block of `block_sequence_ids`)."""
+        """Bidirectional among the action queries (one block of `block_sequence_ids`); over the prefix before them
+        causal, or with `prefix_attention="bidirectional"` a second block."""
         block_ids = torch.where(query_mask, 0, -1)
+        if self.config.prefix_attention == "bidirectional":
+            block_ids = block_ids.masked_fill(query_mask.cumsum(-1) == 0, 1)
         return create_causal_mask(
             config=self.language_model.config,
             inputs_embeds=inputs_embeds,

@@ -162,6 +162,52 @@ def test_parallel_attention_pattern(tokenizer, processor, images):
             assert torch.all(weights[:, padding:, :padding] == 0)  # nobody real sees padding
 
 
+def test_bidirectional_prefix_attention_pattern(tokenizer, processor, images):
+    """With `prefix_attention="bidirectional"` every prefix token (image patches included) sees the whole prefix,
+    the prompt after it too, but never the action queries; the queries see everything; padding stays invisible."""
+    num_queries = ACTION_DIM
+    torch.manual_seed(0)
+    config = OpenVLAConfig.small_config(
+        vocab_size=len(tokenizer), action_decoding="parallel", prefix_attention="bidirectional", **TINY
+    )
+    model = OpenVLAForActionPrediction._from_config(config, attn_implementation="eager").eval()
+    inputs = processor(images=images[:2], text=INSTRUCTIONS[:2])
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    for row in range(2):
+        padding = int((inputs["attention_mask"][row] == 0).sum())
+        for layer in attentions:
+            weights = layer[row]
+            seq = weights.shape[-1]
+            prefix = slice(padding, seq - num_queries)
+            assert torch.all(weights[:, prefix, prefix] > 0)  # the first patch sees the last prompt token
+            assert torch.all(weights[:, prefix, seq - num_queries :] == 0)
+            assert torch.all(weights[:, seq - num_queries :, padding:] > 0)
+            assert torch.all(weights[:, padding:, :padding] == 0)
+
+
+def test_bidirectional_prefix_keeps_labels_out_and_batches(tokenizer, processor, images):
+    """The label tokens (overwritten by the queries) reach no output, training logits equal inference, and a padded
+    batch predicts what each sample predicts alone."""
+    model = make_model(tokenizer, chunk=2, prefix_attention="bidirectional")
+    with torch.no_grad():
+        train_a = model(**processor(images=images, text=INSTRUCTIONS, actions=random_actions(3, 2, seed=1)))
+        train_b = model(**processor(images=images, text=INSTRUCTIONS, actions=random_actions(3, 2, seed=2)))
+        batch = model.predict_action_logits(**processor(images=images, text=INSTRUCTIONS))
+    torch.testing.assert_close(train_a.action_logits, train_b.action_logits, atol=0, rtol=0)
+    torch.testing.assert_close(train_a.action_logits, batch, atol=1e-5, rtol=1e-5)
+    for row, (image, instruction) in enumerate(zip(images, INSTRUCTIONS, strict=True)):
+        single = model.predict_action_logits(**processor(images=image, text=instruction))
+        torch.testing.assert_close(batch[row], single[0], atol=1e-5, rtol=0)
+
+
+def test_bidirectional_prefix_needs_parallel_decoding():
+    with pytest.raises(ValueError, match="parallel"):
+        OpenVLAConfig.small_config(prefix_attention="bidirectional")
+    with pytest.raises(ValueError, match="prefix_attention"):
+        OpenVLAConfig.small_config(action_decoding="parallel", prefix_attention="full")
+
+
 def test_autoregressive_is_causal(tokenizer, processor, images):
     """Appending tokens never changes the logits of the earlier positions, and the predictions are sequential."""
     model = make_model(tokenizer, "autoregressive")
