@@ -1,66 +1,29 @@
 """The continuous action head (`action_head="l1_regression"`, OpenVLA-OFT): shapes, loss, training, batching,
 unnormalisation, save/load, parameter count and configuration errors."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+import test_parallel_decoding as parallel
 import torch
-from transformers import AutoTokenizer
+from test_parallel_decoding import ACTION_DIM, INSTRUCTIONS, random_actions
 
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction, regression_loss
 from processing_openvla import (
     ActionTokenizer,
-    OpenVLAImageProcessor,
-    OpenVLAProcessor,
     compute_action_stats,
     detokenize_actions,
     tokenize_actions,
     unnormalize_actions,
 )
 
-TOKENIZER_PATH = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
-IMAGE_SIZE = 56
-ACTION_DIM = 7
-TINY = dict(hidden_dim=64, num_layers=2, num_heads=2, num_kv_heads=1, vision_dim=64, image_size=IMAGE_SIZE, dropout=0.0)
-INSTRUCTIONS = ["pick up the red block and put it in the green bowl", "go left", "push the blue ball to the right"]
-
+# The parallel-decoding tests' module fixtures: the shipped tokenizer, a 56 px processor, three random images.
+tokenizer, processor, images = parallel.tokenizer, parallel.processor, parallel.images
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_PATH)
-
-
-@pytest.fixture(scope="module")
-def processor(tokenizer):
-    return OpenVLAProcessor(image_processor=OpenVLAImageProcessor(image_size=IMAGE_SIZE), tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) for _ in range(len(INSTRUCTIONS))]
-
-
 def make_model(tokenizer, chunk=1, seed=0, **overrides) -> OpenVLAForActionPrediction:
-    torch.manual_seed(seed)
-    config = OpenVLAConfig.small_config(
-        vocab_size=len(tokenizer),
-        action_decoding="parallel",
-        action_head="l1_regression",
-        action_chunk_size=chunk,
-        **{**TINY, **overrides},
-    )
-    return OpenVLAForActionPrediction(config).eval()
-
-
-def random_actions(batch, chunk, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (batch, ACTION_DIM) if chunk == 1 else (batch, chunk, ACTION_DIM)
-    return rng.uniform(-1, 1, shape).astype(np.float32)
+    return parallel.make_model(tokenizer, "parallel", chunk, seed, action_head="l1_regression", **overrides)
 
 
 @pytest.mark.parametrize("chunk", [1, 3])

@@ -137,18 +137,22 @@ def test_action_queries_are_bidirectional_and_hidden_from_the_prompt(tokenizer, 
         assert (logits_before[:, position] - logits_after[:, position]).abs().amax() > 1e-4, position
 
 
+def eager_attentions(tokenizer, processor, images, **options) -> tuple[dict, tuple[torch.Tensor, ...]]:
+    """The inputs of two padded rows and a parallel-decoding model's attention weights on them (eager attention),
+    each `[2, heads, seq, seq]`."""
+    torch.manual_seed(0)
+    config = OpenVLAConfig.small_config(vocab_size=len(tokenizer), action_decoding="parallel", **{**TINY, **options})
+    model = OpenVLAForActionPrediction._from_config(config, attn_implementation="eager").eval()
+    inputs = processor(images=images[:2], text=INSTRUCTIONS[:2])
+    with torch.no_grad():
+        return inputs, model(**inputs, output_attentions=True).attentions
+
+
 def test_parallel_attention_pattern(tokenizer, processor, images):
     """The attention weights (eager) show the mask directly: causal over the prompt, full among the queries, padding
     invisible."""
     num_queries = 2 * ACTION_DIM
-    torch.manual_seed(0)
-    config = OpenVLAConfig.small_config(
-        vocab_size=len(tokenizer), action_decoding="parallel", action_chunk_size=2, **TINY
-    )
-    model = OpenVLAForActionPrediction._from_config(config, attn_implementation="eager").eval()
-    inputs = processor(images=images[:2], text=INSTRUCTIONS[:2])
-    with torch.no_grad():
-        attentions = model(**inputs, output_attentions=True).attentions
+    inputs, attentions = eager_attentions(tokenizer, processor, images, action_chunk_size=2)
     for row in range(2):
         padding = int((inputs["attention_mask"][row] == 0).sum())
         for layer in attentions:
@@ -166,14 +170,7 @@ def test_bidirectional_prefix_attention_pattern(tokenizer, processor, images):
     """With `prefix_attention="bidirectional"` every prefix token (image patches included) sees the whole prefix,
     the prompt after it too, but never the action queries; the queries see everything; padding stays invisible."""
     num_queries = ACTION_DIM
-    torch.manual_seed(0)
-    config = OpenVLAConfig.small_config(
-        vocab_size=len(tokenizer), action_decoding="parallel", prefix_attention="bidirectional", **TINY
-    )
-    model = OpenVLAForActionPrediction._from_config(config, attn_implementation="eager").eval()
-    inputs = processor(images=images[:2], text=INSTRUCTIONS[:2])
-    with torch.no_grad():
-        attentions = model(**inputs, output_attentions=True).attentions
+    inputs, attentions = eager_attentions(tokenizer, processor, images, prefix_attention="bidirectional")
     for row in range(2):
         padding = int((inputs["attention_mask"][row] == 0).sum())
         for layer in attentions:
