@@ -24,6 +24,16 @@ PREFIX_ATTENTION_MODES = ("causal", "bidirectional")
 VISION_LAYOUTS = ("transformers", "timm")
 VISION_STEMS = ("patch", "conv", "coordconv")
 WEIGHT_INITS = ("standard", "fan_in")
+# Options that take one of a fixed set of values, checked by `OpenVLAConfig._validate`.
+OPTION_CHOICES = (
+    ("action_binning", ACTION_BINNING_SCHEMES),
+    ("vision_layout", VISION_LAYOUTS),
+    ("vision_stem", VISION_STEMS),
+    ("weight_init", WEIGHT_INITS),
+    ("action_decoding", ACTION_DECODING_MODES),
+    ("action_head", ACTION_HEADS),
+    ("prefix_attention", PREFIX_ATTENTION_MODES),
+)
 # Extra input channels of the first stem convolution of `vision_stem="coordconv"`: the pixel's x and y.
 COORDINATE_CHANNELS = 2
 AUTO_MAP = {
@@ -335,29 +345,20 @@ class OpenVLAConfig(PreTrainedConfig):
             raise ValueError(
                 f"Inconsistent OpenVLAConfig: action_min={self.action_min} must be smaller than action_max={self.action_max}."
             )
-        if self.action_binning not in ACTION_BINNING_SCHEMES:
-            raise ValueError(f"action_binning={self.action_binning!r} is not one of {ACTION_BINNING_SCHEMES}.")
-        if self.vision_layout not in VISION_LAYOUTS:
-            raise ValueError(f"vision_layout={self.vision_layout!r} is not one of {VISION_LAYOUTS}.")
+        for name, choices in OPTION_CHOICES:
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")
         self._validate_vision_stem()
-        if self.weight_init not in WEIGHT_INITS:
-            raise ValueError(f"weight_init={self.weight_init!r} is not one of {WEIGHT_INITS}.")
-        if self.action_decoding not in ACTION_DECODING_MODES:
-            raise ValueError(f"action_decoding={self.action_decoding!r} is not one of {ACTION_DECODING_MODES}.")
         if self.action_decoding == "autoregressive" and self.action_chunk_size != 1:
             raise ValueError(
                 f"action_chunk_size={self.action_chunk_size} needs action_decoding='parallel'; autoregressive decoding "
                 "predicts one action per call."
             )
-        if self.action_head not in ACTION_HEADS:
-            raise ValueError(f"action_head={self.action_head!r} is not one of {ACTION_HEADS}.")
         if self.action_head == "l1_regression" and self.action_decoding != "parallel":
             raise ValueError(
                 "action_head='l1_regression' needs action_decoding='parallel': the regression head reads the hidden "
                 "states of the action queries."
             )
-        if self.prefix_attention not in PREFIX_ATTENTION_MODES:
-            raise ValueError(f"prefix_attention={self.prefix_attention!r} is not one of {PREFIX_ATTENTION_MODES}.")
         if self.prefix_attention == "bidirectional" and self.action_decoding != "parallel":
             raise ValueError(
                 "prefix_attention='bidirectional' needs action_decoding='parallel': autoregressive decoding extends the "
@@ -375,8 +376,6 @@ class OpenVLAConfig(PreTrainedConfig):
                 )
 
     def _validate_vision_stem(self) -> None:
-        if self.vision_stem not in VISION_STEMS:
-            raise ValueError(f"vision_stem={self.vision_stem!r} is not one of {VISION_STEMS}.")
         if self.vision_stem == "patch":
             return
         problems = []
