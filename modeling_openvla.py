@@ -838,6 +838,13 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             return values
         return values.view(values.shape[0], self.config.action_chunk_size, self.config.action_dim, *values.shape[2:])
 
+    def _predict_in_parallel(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, pixel_values: torch.Tensor | None
+    ) -> OpenVLAOutput:
+        """One parallel-decoding forward pass over prompts (the action queries are appended, a missing attention mask
+        means no padding); the full-vocabulary LM head runs for the last position only."""
+        return self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=1)
+
     @torch.no_grad()
     def predict_action_logits(
         self,
@@ -858,11 +865,10 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
                 "This model has a continuous action head (action_head='l1_regression') and predicts no action logits; "
                 "use predict_action (or forward's normalized_actions)."
             )
+        if self.config.action_decoding == "parallel":
+            return self._predict_in_parallel(input_ids, attention_mask, pixel_values).action_logits
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.config.action_decoding == "parallel":
-            outputs = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=1)
-            return outputs.action_logits
         tokenizer = self.action_tokenizer
         generation_config = GenerationConfig(
             max_new_tokens=self.num_action_tokens,
@@ -907,9 +913,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         tokenizer = self.action_tokenizer
         tokenizer.stats_for(unnorm_key)
         if self.action_head is not None:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            outputs = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=1)
+            outputs = self._predict_in_parallel(input_ids, attention_mask, pixel_values)
             return tokenizer.normalized_to_actions(outputs.normalized_actions, unnorm_key)
         bins = self.predict_action_logits(input_ids, attention_mask, pixel_values).argmax(-1)
         return tokenizer.bins_to_actions(bins, unnorm_key)
