@@ -1,8 +1,9 @@
 """Fine-tune (or train from scratch) OpenVLA on robot demonstrations with the `Trainer`, optionally with LoRA.
 
 With no arguments it trains a model from scratch (the small reference config with the overrides of
-`FROM_SCRATCH_RECIPE`) on the built-in tabletop demonstrations, evaluates it in closed loop on held-out
-episodes and writes a Hub-ready folder to `outputs/finetune`:
+`FROM_SCRATCH_RECIPE`) on the built-in tabletop demonstrations, after a short self-supervised pretraining of its vision
+backbone (`vision_pretraining.py`), evaluates it in closed loop on held-out episodes and writes a Hub-ready folder to
+`outputs/finetune`:
 
     python scripts/finetune.py
     python scripts/finetune.py --model_name_or_path outputs/finetune --use_lora --output_dir outputs/lora
@@ -54,6 +55,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
     set_seed,
 )
+from vision_pretraining import PatchColourTarget, pretrain_vision  # noqa: E402
 
 from configuration_openvla import OpenVLAConfig  # noqa: E402
 from modeling_openvla import OpenVLAForActionPrediction  # noqa: E402
@@ -69,11 +71,14 @@ from processing_openvla import (  # noqa: E402
 logger = logging.getLogger("finetune")
 BUILTIN_DATASET = "tabletop"
 # Default --config_overrides: a narrow, shallow model whose layers start at unit gain (`weight_init="fan_in"`), a
-# convolutional stem that sees pixel coordinates, and parallel decoding. README, main job: what each part changes.
+# convolutional stem that sees pixel coordinates, parallel decoding, and a prefix whose image patches also see the
+# instruction. README, main job: what each part changes.
 FROM_SCRATCH_RECIPE = (
     "vision_dim=128,vision_num_layers=2,hidden_dim=128,num_layers=2,patch_size=16,vision_stem=coordconv,"
-    "weight_init=fan_in,action_decoding=parallel"
+    "weight_init=fan_in,action_decoding=parallel,prefix_attention=bidirectional"
 )
+# Steps of `vision_pretraining.pretrain_vision` before VLA training from scratch (README, main job).
+DEFAULT_VISION_PRETRAINING_STEPS = 250
 
 
 @dataclass
@@ -110,6 +115,31 @@ class ModelArguments:
         default="projector", metadata={"help": "Comma-separated modules trained fully next to LoRA ('' for none)."}
     )
     freeze_vision_backbone: bool = field(default=False, metadata={"help": "Keep the vision backbone's weights fixed."})
+    vision_pretraining_steps: int | None = field(
+        default=None,
+        metadata={"help": "From scratch: steps of self-supervised vision pretraining before VLA training (the vision "
+                          "backbone and projector learn each patch's colour content and position, "
+                          "scripts/vision_pretraining.py), after which both stay fixed; 0 to skip. Default: "
+                          f"{DEFAULT_VISION_PRETRAINING_STEPS} from scratch, 0 (the only choice) for a loaded model."},
+    )
+
+    @property
+    def trains_from_scratch(self) -> bool:
+        return not self.model_name_or_path or self.from_scratch
+
+    def resolved_vision_pretraining_steps(self) -> int:
+        """`vision_pretraining_steps`, defaulted and checked to apply only to a model trained from scratch."""
+        steps = self.vision_pretraining_steps
+        if steps is None:
+            return DEFAULT_VISION_PRETRAINING_STEPS if self.trains_from_scratch else 0
+        if steps < 0:
+            raise ValueError(f"--vision_pretraining_steps must be >= 0, got {steps}.")
+        if steps and not self.trains_from_scratch:
+            raise ValueError(
+                f"--vision_pretraining_steps {steps} applies to a model trained from scratch, not to the loaded "
+                f"{self.model_name_or_path!r}; drop it (or pass --from_scratch)."
+            )
+        return steps
 
 
 @dataclass
@@ -321,7 +351,7 @@ class EpochCallback(TrainerCallback):
 
 def build_model_and_processor(model_args: ModelArguments, action_dim: int) -> tuple[OpenVLAForActionPrediction, OpenVLAProcessor]:
     """Load a saved model and its processor, or build the small reference config (with overrides) from scratch."""
-    if model_args.model_name_or_path and not model_args.from_scratch:
+    if not model_args.trains_from_scratch:
         model = AutoModel.from_pretrained(model_args.model_name_or_path, trust_remote_code=True, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
         for name in ("action_decoding", "action_chunk_size"):
@@ -338,6 +368,29 @@ def build_model_and_processor(model_args: ModelArguments, action_dim: int) -> tu
     config = OpenVLAConfig.small_config(**overrides)
     processor = OpenVLAProcessor.from_model_config(config, OpenVLAImageProcessor(image_size=config.image_size), tokenizer)
     return OpenVLAForActionPrediction(config), processor
+
+
+def run_vision_pretraining(model: OpenVLAForActionPrediction, processor: OpenVLAProcessor, dataset: ProcessedDemonstrations,
+                           steps: int, training_args: TrainingArguments) -> float | None:
+    """Pretrain the vision backbone and projector of a model built from scratch for `steps` steps
+    (`vision_pretraining.pretrain_vision` on shuffled batches of the training images, seeded by `--seed`, so every
+    process computes the same weights), then fix both for VLA training. A resumed run skips the pretraining: its
+    checkpoint holds the result. Returns the last relative error, or None when skipped."""
+    error = None
+    if _resume_argument(training_args.resume_from_checkpoint) is None:
+        generator = torch.Generator().manual_seed(training_args.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=training_args.per_device_train_batch_size, shuffle=True, generator=generator,
+            collate_fn=processor.data_collator,
+        )
+        image_processor = processor.image_processor
+        target = PatchColourTarget(model, image_processor.image_mean, image_processor.image_std, seed=training_args.seed)
+        model.to(training_args.device)
+        losses = pretrain_vision(model, loader, target, steps, progress=training_args.process_index == 0)
+        error = losses[-1]
+    model.vision_backbone.requires_grad_(False)
+    model.projector.requires_grad_(False)
+    return error
 
 
 def apply_training_mode(model: OpenVLAForActionPrediction, model_args: ModelArguments):
@@ -497,6 +550,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         training_args.eval_strategy = "no"
 
+    pretraining_steps = model_args.resolved_vision_pretraining_steps()
+    pretraining_error = run_vision_pretraining(model, processor, train_dataset, pretraining_steps, training_args) if pretraining_steps else None
     model = apply_training_mode(model, model_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -514,7 +569,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         callbacks=[EpochCallback(train_dataset)],
     )
     train_result = trainer.train(resume_from_checkpoint=_resume_argument(training_args.resume_from_checkpoint))
-    metrics = {"train_loss": train_result.training_loss, "train_steps": trainer.state.global_step}
+    metrics = {"train_loss": train_result.training_loss, "train_steps": trainer.state.global_step, "vision_pretraining_steps": pretraining_steps}
+    if pretraining_error is not None:
+        metrics["vision_pretraining_error"] = pretraining_error
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
         metrics["eval_image_reliance"] = image_reliance(trainer.model, eval_dataset, processor.data_collator)
@@ -570,9 +627,14 @@ def save_outputs(model, processor: OpenVLAProcessor, output_dir: Path, model_arg
 
 def _training_summary(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> str:
     mode = f"LoRA (r={model_args.lora_rank}, alpha={model_args.lora_alpha}, targets={model_args.lora_target_modules})" if model_args.use_lora else "full fine-tuning"
-    source = "from scratch" if not model_args.model_name_or_path or model_args.from_scratch else f"from `{model_args.model_name_or_path}`"
+    source = "from scratch" if model_args.trains_from_scratch else f"from `{model_args.model_name_or_path}`"
     data = data_args.dataset_name or f"{data_args.num_demo_episodes} built-in tabletop demonstration episodes ({data_args.demo_tasks} goals)"
-    return (
+    pretraining_steps = model_args.resolved_vision_pretraining_steps()
+    pretraining = (
+        f"After {pretraining_steps} steps of self-supervised vision pretraining (per-patch colour and position targets), "
+        "the vision backbone and projector stayed fixed. " if pretraining_steps else ""
+    )
+    return pretraining + (
         f"Trained {source} with `scripts/finetune.py` ({mode}{', vision backbone frozen' if model_args.freeze_vision_backbone else ''}) "
         f"on {data} for {training_args.max_steps} steps, batch {training_args.per_device_train_batch_size} per process x "
         f"{training_args.world_size} process(es), learning rate {training_args.learning_rate} ({training_args.lr_scheduler_type}), "

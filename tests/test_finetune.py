@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from tabletop import generate_demonstrations
 
 TINY_OVERRIDES = ",".join(f"{name}={value}" for name, value in TINY.items() if name != "image_size")
-QUICK = ["--num_demo_episodes", "12", "--per_device_train_batch_size", "8", "--logging_steps", "2", "--config_overrides", TINY_OVERRIDES]
+QUICK = ["--num_demo_episodes", "12", "--per_device_train_batch_size", "8", "--logging_steps", "2", "--config_overrides", TINY_OVERRIDES,
+         "--vision_pretraining_steps", "2"]
 ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -210,6 +211,26 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+def test_after_vision_pretraining_the_vision_backbone_and_projector_stay_fixed(trained):
+    """The fixture's run pretrains the vision path for 2 steps, then trains 8 steps with it fixed."""
+    metrics = json.loads((trained / "eval_results.json").read_text())
+    assert metrics["vision_pretraining_steps"] == 2 and metrics["vision_pretraining_error"] > 0
+    halfway, final = _weights(trained / "checkpoints" / "checkpoint-4"), _weights(trained)
+    fixed = {name for name in final if name.startswith(("vision_backbone.", "projector."))}
+    assert fixed and all(torch.equal(halfway[name], final[name]) for name in fixed)
+    assert any(not torch.equal(halfway[name], final[name]) for name in final.keys() - fixed)
+    assert "vision pretraining" in (trained / "README.md").read_text()
+
+
+def test_vision_pretraining_applies_to_models_trained_from_scratch_only():
+    assert finetune.ModelArguments().resolved_vision_pretraining_steps() == finetune.DEFAULT_VISION_PRETRAINING_STEPS
+    assert finetune.ModelArguments(model_name_or_path="outputs/finetune").resolved_vision_pretraining_steps() == 0
+    with pytest.raises(ValueError, match=r"--vision_pretraining_steps 5 applies to a model trained from scratch, not to the loaded 'outputs/finetune'"):
+        finetune.ModelArguments(model_name_or_path="outputs/finetune", vision_pretraining_steps=5).resolved_vision_pretraining_steps()
+    with pytest.raises(ValueError, match="must be >= 0, got -1"):
+        finetune.ModelArguments(vision_pretraining_steps=-1).resolved_vision_pretraining_steps()
+
+
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
     options = ["--max_steps", "6", "--save_steps", "3", "--eval_strategy", "no", "--closed_loop_episodes", "0", "--image_augmentation", *QUICK]
     straight = tmp_path / "straight"
@@ -346,11 +367,12 @@ def test_demo_tasks_choose_the_goals_of_the_built_in_demos(tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_main_job_recipe_learns_to_use_the_camera(tmp_path):
-    """The default from-scratch recipe leaves the plateau where a model acts on the instruction alone: after 400 steps
-    on built-in reach demonstrations the eval predictions change when the rows swap images (a blind model scores
-    exactly 0, the plain small config stayed at 0 for 800 steps; this run gives 0.076, 34 of 448 tokens). With push
-    goals too the same 400 steps are still blind (0.0); the main job's 2,500 steps reach 0.20."""
-    metrics = finetune.main(["--output_dir", str(tmp_path / "recipe"), "--num_demo_episodes", "1000", "--demo_tasks", "reach",
-                             "--max_steps", "400", "--eval_strategy", "no", "--save_steps", "1000", "--closed_loop_episodes", "0"])
-    assert metrics["eval_image_reliance"] > 0.02
+def test_main_job_recipe_learns_which_object_the_instruction_names(tmp_path):
+    """The default from-scratch recipe (vision pretraining, then the decoder with the vision path fixed), shortened to
+    1,000 steps on 1,000 episodes of both goal kinds, succeeds in closed loop on held-out scenes of three objects.
+    A policy that ignores the colour word can at best head for one of the three at random; the recipe without the
+    vision pretraining stage scored 12% at 1,000 steps (README, main job)."""
+    metrics = finetune.main(["--output_dir", str(tmp_path / "recipe"), "--num_demo_episodes", "1000",
+                             "--max_steps", "1000", "--eval_strategy", "no", "--save_steps", "10000", "--closed_loop_episodes", "50"])
+    assert metrics["eval_image_reliance"] > 0.1
+    assert metrics["closed_loop_success_rate"] >= 0.4
