@@ -125,6 +125,7 @@ class ModelArguments:
 
     @property
     def trains_from_scratch(self) -> bool:
+        """True unless a saved model is loaded (`--model_name_or_path` without `--from_scratch`)."""
         return not self.model_name_or_path or self.from_scratch
 
     def resolved_vision_pretraining_steps(self) -> int:
@@ -514,6 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     set_seed(training_args.seed)
     started = time.time()
+    pretraining_steps = model_args.resolved_vision_pretraining_steps()
 
     output_dir = Path(training_args.output_dir)
     push_to_hub, hub_model_id = training_args.push_to_hub, training_args.hub_model_id
@@ -550,7 +552,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         training_args.eval_strategy = "no"
 
-    pretraining_steps = model_args.resolved_vision_pretraining_steps()
     pretraining_error = run_vision_pretraining(model, processor, train_dataset, pretraining_steps, training_args) if pretraining_steps else None
     model = apply_training_mode(model, model_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -631,14 +632,14 @@ def _training_summary(model_args: ModelArguments, data_args: DataArguments, trai
     data = data_args.dataset_name or f"{data_args.num_demo_episodes} built-in tabletop demonstration episodes ({data_args.demo_tasks} goals)"
     pretraining_steps = model_args.resolved_vision_pretraining_steps()
     pretraining = (
-        f"After {pretraining_steps} steps of self-supervised vision pretraining (per-patch colour and position targets), "
-        "the vision backbone and projector stayed fixed. " if pretraining_steps else ""
+        f" Before that, {pretraining_steps} steps of self-supervised vision pretraining (per-patch colour and position "
+        "targets); the vision backbone and projector then stayed fixed." if pretraining_steps else ""
     )
-    return pretraining + (
+    return (
         f"Trained {source} with `scripts/finetune.py` ({mode}{', vision backbone frozen' if model_args.freeze_vision_backbone else ''}) "
         f"on {data} for {training_args.max_steps} steps, batch {training_args.per_device_train_batch_size} per process x "
         f"{training_args.world_size} process(es), learning rate {training_args.learning_rate} ({training_args.lr_scheduler_type}), "
-        f"seed {training_args.seed}{', with image augmentation' if data_args.image_augmentation else ''}."
+        f"seed {training_args.seed}{', with image augmentation' if data_args.image_augmentation else ''}.{pretraining}"
     )
 
 

@@ -368,11 +368,12 @@ def test_demo_tasks_choose_the_goals_of_the_built_in_demos(tmp_path):
 
 
 def test_main_job_recipe_learns_which_object_the_instruction_names(tmp_path):
-    """The default from-scratch recipe (vision pretraining, then the decoder with the vision path fixed), shortened to
-    1,000 steps on 1,000 episodes of both goal kinds, succeeds in closed loop on held-out scenes of three objects.
-    A policy that ignores the colour word can at best head for one of the three at random; the recipe without the
-    vision pretraining stage scored 12% at 1,000 steps (README, main job)."""
-    metrics = finetune.main(["--output_dir", str(tmp_path / "recipe"), "--num_demo_episodes", "1000",
-                             "--max_steps", "1000", "--eval_strategy", "no", "--save_steps", "10000", "--closed_loop_episodes", "50"])
+    """The default from-scratch recipe (vision pretraining, then the decoder with the vision path fixed) on the default
+    4,000 episodes of both goal kinds, shortened to 1,000 steps, succeeds in closed loop on held-out scenes of three
+    objects: 66% of 50 episodes when measured (the full 2,500 steps: 99%). A policy that ignores the colour word can at
+    best head for one of the three at random; the recipe without the vision pretraining stage scored 12% at 1,000
+    steps, and this recipe on only 1,000 episodes 4% (README, main job)."""
+    metrics = finetune.main(["--output_dir", str(tmp_path / "recipe"), "--max_steps", "1000", "--eval_strategy", "no",
+                             "--save_steps", "10000", "--closed_loop_episodes", "50"])
     assert metrics["eval_image_reliance"] > 0.1
     assert metrics["closed_loop_success_rate"] >= 0.4
