@@ -11,6 +11,7 @@
 - `OpenVLADataCollator`: left-pads rows that the processor made one at a time.
 """
 
+import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -661,26 +662,36 @@ class OpenVLAProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a saved processor; for a folder without processor settings (an official OpenVLA checkpoint, whose
         `PrismaticProcessor` keeps them in `config.json`), build it with `from_model_config` from the folder's config,
-        image-processor config and tokenizer."""
+        image-processor config and tokenizer.
+
+        The parts are loaded with this module's own classes, never through the Auto classes, so a saved folder loads
+        without `trust_remote_code` whatever its `auto_map` says and however transformers resolves sub-processors.
+        Keyword arguments that name an `__init__` option (e.g. `max_text_len=128`) override the saved value; the
+        others (`revision`, `token`, `cache_dir`, ...) go to the file lookup.
+        """
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in cls._init_option_names()}
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **dict(kwargs))
-        if "num_action_bins" in processor_dict:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        try:
-            from .configuration_openvla import OpenVLAConfig
-        except ImportError:
-            from configuration_openvla import OpenVLAConfig
-        config = OpenVLAConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
         image_processor = OpenVLAImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        # `config=` keeps AutoTokenizer from reading config.json, whose auto_map names the official remote code
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
-        return cls.from_model_config(config, image_processor, tokenizer)
+        if "num_action_bins" not in processor_dict:
+            try:
+                from .configuration_openvla import OpenVLAConfig
+            except ImportError:
+                from configuration_openvla import OpenVLAConfig
+            config = OpenVLAConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            # `config=` keeps AutoTokenizer from reading config.json, whose auto_map names the official remote code
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+            return cls.from_model_config(config, image_processor, tokenizer, **options)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        saved = {name: value for name, value in processor_dict.items() if name in cls._init_option_names()}
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **{**saved, **options})
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Load the image processor with this module's own class (no remote-code lookup) and the tokenizer."""
-        image_processor = OpenVLAImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return [image_processor, tokenizer]
+    def _init_option_names(cls) -> set[str]:
+        """The processor settings `__init__` takes besides its two parts (`action_dim`, `norm_stats`, ...)."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return {name for name, parameter in parameters.items() if parameter.kind is parameter.POSITIONAL_OR_KEYWORD} - {
+            "self", "image_processor", "tokenizer"
+        }
 
     def _check_action_tokens(self) -> None:
         if self.num_action_bins > self.action_token_end:
