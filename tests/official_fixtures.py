@@ -32,10 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+# The official towers are timm models and the official image transform is torchvision's: the tests that use these
+# fixtures need both (the `dev` extra has them); without them they are skipped, not failed.
+pytest.importorskip("timm", reason="the official-format fixtures build timm towers: pip install -e '.[dev]'")
+pytest.importorskip("torchvision", reason="the official image transform is torchvision's: pip install -e '.[dev]'")
 
 # --------------------------------------------------------------------------------------------------------------------
 # Official constants (values as published in openvla/openvla-7b, see docs/official_format.md)

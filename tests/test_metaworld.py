@@ -5,9 +5,12 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering, before anything imports mujoco
 
+import pytest  # noqa: E402
+
+pytest.importorskip("metaworld", reason="Meta-World is an optional extra: pip install -e '.[metaworld]'")
+
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 from conftest import make_model, make_processor  # noqa: E402
 from evaluate_metaworld import ModelPolicy, evaluate_policy_on_tasks  # noqa: E402
 from evaluate_metaworld import main as evaluate_main  # noqa: E402
