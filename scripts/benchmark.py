@@ -51,7 +51,6 @@ import os
 import re
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -65,11 +64,10 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.generation import CompileConfig
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from configuration_openvla import OpenVLAConfig
+from modeling_openvla import OpenVLAForActionPrediction
 
-from configuration_openvla import OpenVLAConfig  # noqa: E402
-from modeling_openvla import OpenVLAForActionPrediction  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MID_OPTIONS = {
     "image_size": 224,

@@ -1,55 +1,30 @@
-"""Closed-loop evaluation of a saved OpenVLA model on held-out episodes of the built-in tabletop task.
+"""Closed-loop evaluation of a saved OpenVLA model, the scripted expert or random actions, on held-out episodes.
 
-    python scripts/evaluate.py --model outputs/finetune --episodes 100 --json outputs/eval.json --strip outputs/eval.png
+    python scripts/evaluate.py --env tabletop --model outputs/finetune --episodes 100 --json outputs/eval.json
+    python scripts/evaluate.py --env metaworld --model outputs/metaworld --tasks button-press-topdown-v3 \\
+        drawer-close-v3 coffee-button-v3 --episodes-per-task 50 --camera topview --json outputs/metaworld_eval.json
 
-Loads the model and processor through the Auto classes (`trust_remote_code=True`, works offline), runs the episodes
-in lock-step batches (one batched `predict_action` call per step), and prints the success rate next to the scripted
-expert's and a random policy's.
+`--env` picks the environment (default `tabletop`); the other options are the environment's own (`--env ENV --help`
+lists them). Models load through the Auto classes (`trust_remote_code=True`, offline). Tabletop: episodes run in
+lock-step batches (one batched `predict_action` call per step) and the table shows the scripted expert's and a random
+policy's success beside the model's. Meta-World (the `metaworld` extra): `openvla_tools.metaworld_evaluation` says
+how variations, chunks and baselines are run.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
+from openvla_tools.envs.tabletop import TASK_KINDS, evaluate_model, evaluate_policy, expert_policy, random_policy
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tabletop import TASK_KINDS, evaluate_policy, expert_policy, random_policy  # noqa: E402
-
-from modeling_openvla import OpenVLAPolicy  # noqa: E402
+ENVIRONMENTS = ("tabletop", "metaworld")
 
 
-class ModelPolicy:
-    """`policy(images, instructions) -> [B, action_dim]` for `evaluate_policy`, whose batch shrinks as episodes end:
-    an `OpenVLAPolicy` that re-plans at every step (the first action of a chunk is executed)."""
-
-    def __init__(self, model, processor, unnorm_key: str | None = None):
-        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=1)
-
-    def __call__(self, images: list, instructions: list[str]) -> np.ndarray:
-        self.policy.reset()
-        return self.policy.select_actions(images, instructions)
-
-
-@torch.no_grad()
-def evaluate_model(model, processor, num_episodes: int = 100, seed: int = 10_000, unnorm_key: str | None = None,
-                   batch_size: int | None = 50, strip_path: Path | None = None,
-                   task_kinds: Sequence[str] = TASK_KINDS) -> dict[str, Any]:
-    """Success rate of `model` on `num_episodes` held-out tabletop episodes (seeds `seed`, `seed + 1`, ...) whose goals
-    are of `task_kinds`."""
-    return evaluate_policy(ModelPolicy(model, processor, unnorm_key), num_episodes, seed=seed, batch_size=batch_size,
-                           strip_path=strip_path, task_kinds=task_kinds)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def tabletop_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="evaluate.py --env tabletop", description="Closed-loop success on held-out tabletop episodes.")
     parser.add_argument("--model", required=True, help="Saved model folder or Hub id.")
     parser.add_argument("--episodes", type=int, default=100, help="Held-out episodes.")
     parser.add_argument("--seed", type=int, default=10_000, help="Seed of the first held-out episode.")
@@ -58,7 +33,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     parser.add_argument("--strip", type=Path, default=None, help="Write a PNG strip of a few episodes here.")
     parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="Goal kinds of the episodes.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from transformers import AutoModel, AutoProcessor
 
@@ -75,6 +50,82 @@ def main() -> None:
     if args.json:
         summary = {name: {k: v for k, v in result.items() if k != "successes"} for name, result in results.items()}
         args.json.write_text(json.dumps(summary, indent=2))
+
+
+def metaworld_main(argv: Sequence[str]) -> None:
+    from openvla_tools.envs.metaworld_env import (
+        DEFAULT_CAMERA,
+        DEFAULT_IMAGE_SIZE,
+        DEFAULT_MAX_STEPS,
+        EVAL_SEED,
+        KNOWN_TASKS,
+        check_tasks,
+    )
+    from openvla_tools.metaworld_evaluation import (
+        BASELINES,
+        evaluate_policy_on_tasks,
+        policy_factory,
+        print_table,
+        save_plot,
+    )
+
+    parser = argparse.ArgumentParser(prog="evaluate.py --env metaworld", description="Closed-loop success on held-out Meta-World variations (openvla_tools.metaworld_evaluation).")
+    parser.add_argument("--model", required=True, help="Saved model folder or Hub id, or 'scripted' or 'random'.")
+    parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
+    parser.add_argument("--episodes-per-task", type=int, required=True, help="Held-out episodes per task.")
+    parser.add_argument("--json", type=Path, required=True, help="Write the results here.")
+    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="Steps per episode at most.")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
+    parser.add_argument("--camera", default=DEFAULT_CAMERA, help="Meta-World camera name.")
+    parser.add_argument("--plot", type=Path, default=None, help="Write a bar plot (PNG) here.")
+    parser.add_argument("--strip", type=Path, default=None, help="Write the first episode of each task here (.png or .gif).")
+    parser.add_argument("--unnorm-key", default=None, help="Dataset whose action statistics unnormalise the model's actions.")
+    parser.add_argument(
+        "--n-action-steps", type=int, default=None,
+        help="Actions of each predicted chunk executed before the model is queried again (1..chunk size; default: the "
+        "whole chunk).",
+    )
+    parser.add_argument(
+        "--temporal-ensemble-coeff", type=float, default=None,
+        help="Query the model at every step and execute the weighted mean of the overlapping chunks' actions for that "
+        "step, weight exp(-coeff * i) for the i-th oldest (ACT's temporal ensembling; 0 = plain mean).",
+    )
+    parser.add_argument("--no-baselines", action="store_true", help="Do not run the random and scripted baselines.")
+    args = parser.parse_args(argv)
+
+    check_tasks(args.tasks)  # before a model loads
+    label = args.model if args.model in BASELINES else "model"
+    settings = {"tasks": args.tasks, "episodes_per_task": args.episodes_per_task, "max_steps": args.max_steps,
+                "image_size": args.image_size, "camera_name": args.camera}
+    policy_options = {"n_action_steps": args.n_action_steps, "temporal_ensemble_coeff": args.temporal_ensemble_coeff}
+    factory = policy_factory(args.model, args.unnorm_key, **policy_options)
+    results = {label: evaluate_policy_on_tasks(factory, strip_path=args.strip, desc=label, **settings)}
+    if not args.no_baselines:
+        for name, baseline in BASELINES.items():
+            if name != label:
+                results[name] = evaluate_policy_on_tasks(baseline, desc=name, **settings)
+    print_table(results)
+
+    summary = {
+        "policy": args.model,
+        **results[label],
+        "settings": {**settings, "variation_seed": EVAL_SEED, "unnorm_key": args.unnorm_key, **policy_options},
+        "baselines": {name: result for name, result in results.items() if name != label},
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2))
+    if args.plot is not None:
+        save_plot(results, args.plot)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser.add_argument("--env", choices=ENVIRONMENTS, default=None, help="Environment of the episodes (default: tabletop).")
+    args, rest = parser.parse_known_args(argv)
+    if args.env is None and {"-h", "--help"} & set(rest):
+        parser.print_help()
+        return
+    (metaworld_main if args.env == "metaworld" else tabletop_main)(rest)
 
 
 if __name__ == "__main__":

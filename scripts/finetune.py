@@ -2,7 +2,7 @@
 
 With no arguments it trains a model from scratch (the small reference config with the overrides of
 `FROM_SCRATCH_RECIPE`) on the built-in tabletop demonstrations, after a short self-supervised pretraining of its vision
-backbone (`vision_pretraining.py`), evaluates it in closed loop on held-out episodes and writes a Hub-ready folder to
+backbone (`openvla_tools.vision_pretraining`), evaluates it in closed loop on held-out episodes and writes a Hub-ready folder to
 `outputs/finetune`:
 
     python scripts/finetune.py
@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,17 +33,9 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from PIL import Image, ImageEnhance
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from accelerate.utils import gather_object  # noqa: E402
-from evaluate import evaluate_model  # noqa: E402
-from model_card import push_folder, write_model_card  # noqa: E402
-from tabletop import TASK_KINDS, check_task_kinds, generate_demonstrations  # noqa: E402
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModel,
     AutoProcessor,
     AutoTokenizer,
@@ -55,11 +46,13 @@ from transformers import (  # noqa: E402
     TrainingArguments,
     set_seed,
 )
-from vision_pretraining import PatchColourTarget, pretrain_vision  # noqa: E402
 
-from configuration_openvla import OpenVLAConfig  # noqa: E402
-from modeling_openvla import OpenVLAForActionPrediction  # noqa: E402
-from processing_openvla import (  # noqa: E402
+from configuration_openvla import OpenVLAConfig
+from modeling_openvla import OpenVLAForActionPrediction
+from openvla_tools.envs.tabletop import TASK_KINDS, check_task_kinds, evaluate_model, generate_demonstrations
+from openvla_tools.model_card import push_folder, write_model_card
+from openvla_tools.vision_pretraining import PatchColourTarget, pretrain_vision
+from processing_openvla import (
     IGNORE_INDEX,
     ActionTokenizer,
     OpenVLAImageProcessor,
@@ -69,6 +62,7 @@ from processing_openvla import (  # noqa: E402
 )
 
 logger = logging.getLogger("finetune")
+REPO = Path(__file__).resolve().parents[1]
 BUILTIN_DATASET = "tabletop"
 # Default --config_overrides: a narrow, shallow model whose layers start at unit gain (`weight_init="fan_in"`), a
 # convolutional stem that sees pixel coordinates, parallel decoding, and a prefix whose image patches also see the
@@ -119,7 +113,7 @@ class ModelArguments:
         default=None,
         metadata={"help": "From scratch: steps of self-supervised vision pretraining before VLA training (the vision "
                           "backbone and projector learn each patch's colour content and position, "
-                          "scripts/vision_pretraining.py), after which both stay fixed; 0 to skip. Default: "
+                          "openvla_tools.vision_pretraining), after which both stay fixed; 0 to skip. Default: "
                           f"{DEFAULT_VISION_PRETRAINING_STEPS} from scratch, 0 (the only choice) for a loaded model."},
     )
 

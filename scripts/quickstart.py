@@ -7,21 +7,18 @@ arbitrary, but every step a user takes with a real checkpoint happens here.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from transformers import AutoModel, AutoProcessor, AutoTokenizer
+
+from configuration_openvla import OpenVLAConfig
+from modeling_openvla import OpenVLAForActionPrediction
+from processing_openvla import OpenVLAImageProcessor, OpenVLAProcessor, compute_action_stats
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from transformers import AutoModel, AutoProcessor, AutoTokenizer  # noqa: E402
-
-from configuration_openvla import OpenVLAConfig  # noqa: E402
-from modeling_openvla import OpenVLAForActionPrediction  # noqa: E402
-from processing_openvla import OpenVLAImageProcessor, OpenVLAProcessor, compute_action_stats  # noqa: E402
 
 
 def sample_image(size: int = 112) -> Image.Image:

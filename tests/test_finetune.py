@@ -15,7 +15,8 @@ import torch
 from conftest import REPO, TINY, make_model, make_processor, random_images
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from tabletop import generate_demonstrations
+
+from openvla_tools.envs.tabletop import generate_demonstrations
 
 TINY_OVERRIDES = ",".join(f"{name}={value}" for name, value in TINY.items() if name != "image_size")
 QUICK = ["--num_demo_episodes", "12", "--per_device_train_batch_size", "8", "--logging_steps", "2", "--config_overrides", TINY_OVERRIDES,
@@ -78,7 +79,7 @@ LOAD_AND_PREDICT = """
 import sys
 from transformers import AutoModel, AutoProcessor
 sys.path.insert(0, sys.argv[2])
-from tabletop import TabletopEnv
+from openvla_tools.envs.tabletop import TabletopEnv
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
 image, instruction = TabletopEnv(seed=3).reset()

@@ -1,4 +1,4 @@
-"""Meta-World demonstrations and closed-loop evaluation (scripts/metaworld_*.py, scripts/evaluate_metaworld.py)."""
+"""Meta-World demonstrations and closed-loop evaluation (scripts/demos.py and scripts/evaluate.py with --env metaworld)."""
 
 import json
 import os
@@ -12,11 +12,11 @@ pytest.importorskip("metaworld", reason="Meta-World is an optional extra: pip in
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 from conftest import make_model, make_processor  # noqa: E402
-from evaluate_metaworld import ModelPolicy, evaluate_policy_on_tasks  # noqa: E402
-from evaluate_metaworld import main as evaluate_main  # noqa: E402
-from metaworld_demos import generate_metaworld_demonstrations  # noqa: E402
-from metaworld_demos import main as demos_main  # noqa: E402
-from metaworld_env import (  # noqa: E402
+from demos import main as demos_main  # noqa: E402
+from evaluate import main as evaluate_main  # noqa: E402
+
+from openvla_tools.envs.metaworld_demos import generate_metaworld_demonstrations  # noqa: E402
+from openvla_tools.envs.metaworld_env import (  # noqa: E402
     TASK_INSTRUCTIONS,
     TRAIN_SEED,
     MetaWorldEnv,
@@ -25,7 +25,7 @@ from metaworld_env import (  # noqa: E402
     run_episode,
     task_variations,
 )
-
+from openvla_tools.metaworld_evaluation import ModelPolicy, evaluate_policy_on_tasks  # noqa: E402
 from processing_openvla import compute_action_stats  # noqa: E402
 
 TASK = "coffee-button-v3"  # the shortest expert episodes (~35 steps)
@@ -35,7 +35,7 @@ METAWORLD_STATS = {"metaworld": compute_action_stats(np.random.default_rng(0).un
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     output = tmp_path_factory.mktemp("demos") / "metaworld"
-    demos_main(["--tasks", TASK, "--episodes-per-task", "2", "--output", str(output), "--image-size", "64"])
+    demos_main(["--env", "metaworld", "--tasks", TASK, "--episodes-per-task", "2", "--output", str(output), "--image-size", "64"])
     return output
 
 
@@ -89,6 +89,7 @@ def test_evaluator_runs_a_saved_model_end_to_end(tokenizer, tmp_path, single_thr
     make_processor(tokenizer).save_pretrained(folder)
     output = tmp_path / "eval"
     evaluate_main([
+        "--env", "metaworld",
         "--model", str(folder), "--tasks", TASK, "--episodes-per-task", "2", "--max-steps", "60", "--image-size", "64",
         "--json", str(output / "eval.json"), "--plot", str(output / "eval.png"), "--strip", str(output / "eval.gif"),
     ])
@@ -116,10 +117,10 @@ def test_chunked_model_replans_every_n_action_steps_or_every_step_when_ensemblin
     with pytest.raises(ValueError, match="n_action_steps=5"):
         ModelPolicy(model, make_processor(tokenizer), n_action_steps=5)
     with pytest.raises(ValueError, match="n_action_steps=2 applies to a model"):
-        evaluate_main(["--model", "scripted", "--tasks", TASK, "--episodes-per-task", "1", "--json", str(tmp_path / "eval.json"),
+        evaluate_main(["--env", "metaworld", "--model", "scripted", "--tasks", TASK, "--episodes-per-task", "1", "--json", str(tmp_path / "eval.json"),
                        "--n-action-steps", "2"])
     with pytest.raises(ValueError, match="temporal_ensemble_coeff=0.1 applies to a model"):
-        evaluate_main(["--model", "random", "--tasks", TASK, "--episodes-per-task", "1", "--json", str(tmp_path / "eval.json"),
+        evaluate_main(["--env", "metaworld", "--model", "random", "--tasks", TASK, "--episodes-per-task", "1", "--json", str(tmp_path / "eval.json"),
                        "--temporal-ensemble-coeff", "0.1"])
     assert not (tmp_path / "eval.json").exists()
 

@@ -1,18 +1,14 @@
 """Tests of the procedural tabletop task: demonstrations, environment, evaluation and ablations."""
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from demos import main as demos_main
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import tabletop  # noqa: E402
-from tabletop import (  # noqa: E402
+from openvla_tools.envs.tabletop import (
     ACTION_DIM,
     COLORS,
     DIRECTIONS,
@@ -320,7 +316,7 @@ def test_strip_is_written(tmp_path, batch_size):
 
 
 def test_cli_writes_dataset_and_preview(tmp_path, capsys):
-    tabletop.main(["--episodes", "3", "--output", str(tmp_path / "demos")])
+    demos_main(["--env", "tabletop", "--episodes", "3", "--output", str(tmp_path / "demos")])
     assert len(datasets.load_from_disk(str(tmp_path / "demos"))) > 3
     assert Image.open(tmp_path / "demos" / "preview.png").height == 3 * (112 + 14)
     assert "3 episodes" in capsys.readouterr().out

@@ -1,12 +1,13 @@
-"""scripts/vision_pretraining.py: the per-patch colour targets and the pretraining stage of a model built from scratch."""
+"""openvla_tools.vision_pretraining: the per-patch colour targets and the pretraining stage of a model built from scratch."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_model, make_processor
 from PIL import Image
-from tabletop import TabletopEnv
-from vision_pretraining import HUE_BINS, PatchColourTarget, patch_colour_shares, pretrain_vision
+
+from openvla_tools.envs.tabletop import TabletopEnv
+from openvla_tools.vision_pretraining import HUE_BINS, PatchColourTarget, patch_colour_shares, pretrain_vision
 
 
 def image_tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -31,22 +31,24 @@ the same protocol: it solves the task from the pixels and the instruction alone 
 colour segmentation), showing the observations are sufficient. The demonstrations
 use the privileged :meth:`TabletopEnv.expert_action`, which reads the true state.
 
-Run ``python scripts/tabletop.py --help`` for the command line interface, which writes
-a demonstration dataset and a preview image.
+``python scripts/demos.py --env tabletop --help`` writes a demonstration dataset and a
+preview image; ``python scripts/evaluate.py --env tabletop`` evaluates a policy.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
+
+from modeling_openvla import OpenVLAPolicy
 
 ACTION_DIM = 7
 MAX_STEP = 0.1  # longest gripper move per step, table units
@@ -537,7 +539,7 @@ def save_episode_strip(
     strip.save(path)
 
 
-def _episode_frames(dataset: datasets.Dataset, num_episodes: int) -> tuple[list[list[Image.Image]], list[str]]:
+def episode_frames(dataset: datasets.Dataset, num_episodes: int) -> tuple[list[list[Image.Image]], list[str]]:
     """The images and the instructions of the first ``num_episodes`` episodes of a
     demonstration dataset (whose rows are ordered by episode)."""
     rows = dataset.select(range(int(np.searchsorted(dataset["episode"], num_episodes))))
@@ -549,34 +551,23 @@ def _episode_frames(dataset: datasets.Dataset, num_episodes: int) -> tuple[list[
     return frames, captions
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate tabletop demonstrations and a preview image.")
-    parser.add_argument("--episodes", type=int, default=100, help="number of expert episodes")
-    parser.add_argument("--output", type=Path, required=True, help="directory for the dataset (save_to_disk)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--num-objects", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=20)
-    parser.add_argument("--dataset-name", default="tabletop")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="goal kinds to sample")
-    args = parser.parse_args(argv)
+class ModelPolicy:
+    """`policy(images, instructions) -> [B, action_dim]` for `evaluate_policy`, whose batch shrinks as episodes end:
+    an `OpenVLAPolicy` that re-plans at every step (the first action of a chunk is executed)."""
 
-    start = time.perf_counter()
-    dataset = generate_demonstrations(
-        args.episodes, args.seed, args.image_size, args.num_objects, args.max_steps, args.dataset_name,
-        task_kinds=args.tasks,
-    )
-    elapsed = time.perf_counter() - start
-    dataset.save_to_disk(args.output)
-    preview = args.output / "preview.png"
-    frames, captions = _episode_frames(dataset, num_episodes=4)
-    save_episode_strip(frames, preview, captions)
+    def __init__(self, model, processor, unnorm_key: str | None = None):
+        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=1)
 
-    steps_per_episode = len(dataset) / max(1, args.episodes)
-    print(f"{args.episodes} episodes, {len(dataset)} steps ({steps_per_episode:.1f} per episode) in {elapsed:.1f}s")
-    print(f"{len(set(dataset['instruction']))} distinct instructions, e.g. {dataset[0]['instruction']!r}")
-    print(f"dataset: {args.output}\npreview: {preview}")
+    def __call__(self, images: list, instructions: list[str]) -> np.ndarray:
+        self.policy.reset()
+        return self.policy.select_actions(images, instructions)
 
 
-if __name__ == "__main__":
-    main()
+@torch.no_grad()
+def evaluate_model(model, processor, num_episodes: int = 100, seed: int = 10_000, unnorm_key: str | None = None,
+                   batch_size: int | None = 50, strip_path: Path | None = None,
+                   task_kinds: Sequence[str] = TASK_KINDS) -> dict[str, Any]:
+    """Success rate of `model` on `num_episodes` held-out tabletop episodes (seeds `seed`, `seed + 1`, ...) whose goals
+    are of `task_kinds`."""
+    return evaluate_policy(ModelPolicy(model, processor, unnorm_key), num_episodes, seed=seed, batch_size=batch_size,
+                           strip_path=strip_path, task_kinds=task_kinds)

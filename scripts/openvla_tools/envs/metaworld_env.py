@@ -2,7 +2,7 @@
 
 Meta-World (`pip install -e ".[metaworld]"`, version 3) gives third-party demonstrations (its scripted expert
 policies) and a third-party success judge (`info["success"]` of `env.step`). This module is shared by
-`metaworld_demos.py` (demonstrations) and `evaluate_metaworld.py` (closed-loop evaluation).
+`metaworld_demos` (demonstrations) and `openvla_tools.metaworld_evaluation` (closed-loop evaluation).
 
 Conventions:
 

@@ -1,6 +1,6 @@
 """Meta-World demonstrations from the scripted expert policies, as a `datasets` folder for `scripts/finetune.py`.
 
-    python scripts/metaworld_demos.py --tasks button-press-topdown-v3 drawer-close-v3 coffee-button-v3 \\
+    python scripts/demos.py --env metaworld --tasks button-press-topdown-v3 drawer-close-v3 coffee-button-v3 \\
         --episodes-per-task 50 --output data/metaworld
 
 Episode `i` of a task runs the task's scripted expert on training variation `i % V`, where the `V = 50 * S`
@@ -26,10 +26,6 @@ and the wall time; `DIR/preview.png` shows the first kept episode of every task 
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,17 +34,14 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processing_openvla import compute_action_stats
 
-from metaworld_env import (  # noqa: E402
+from .metaworld_env import (
     ACTION_DIM,
     DEFAULT_CAMERA,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_STEPS,
     EVAL_SEED,
-    KNOWN_TASKS,
     TASK_INSTRUCTIONS,
     TRAIN_SEED,
     MetaWorldEnv,
@@ -57,9 +50,7 @@ from metaworld_env import (  # noqa: E402
     run_episode,
     task_variations,
 )
-from tabletop import demonstration_features, save_episode_strip  # noqa: E402
-
-from processing_openvla import compute_action_stats  # noqa: E402
+from .tabletop import demonstration_features, save_episode_strip
 
 STEPS_AFTER_SUCCESS = 3
 FEATURES = demonstration_features(ACTION_DIM, name_column="task")
@@ -161,57 +152,3 @@ def save_preview(dataset: datasets.Dataset, path: Path) -> None:
         frames.append(list(rows["image"]))
         captions.append(f"{task}: {rows[0]['instruction']}")
     save_episode_strip(frames, path, captions)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
-    parser.add_argument("--episodes-per-task", type=int, required=True, help="Expert episodes run per task.")
-    parser.add_argument("--output", type=Path, required=True, help="Folder for the dataset (save_to_disk).")
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
-    parser.add_argument("--camera", default=DEFAULT_CAMERA, help="Meta-World camera name.")
-    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="Steps per episode at most.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the instruction paraphrases and the noise.")
-    parser.add_argument(
-        "--action-noise", type=float, default=0.0,
-        help="Std of Gaussian noise added to the executed actions (the rows keep the expert's); 0 = none.",
-    )
-    parser.add_argument(
-        "--variation-seeds", type=int, nargs="+", default=[TRAIN_SEED],
-        help=f"Meta-World seeds; the episodes cycle through the 50 variations of each (not {EVAL_SEED}, the held-out seed).",
-    )
-    args = parser.parse_args(argv)
-
-    start = time.perf_counter()
-    dataset = generate_metaworld_demonstrations(
-        args.tasks, args.episodes_per_task, args.image_size, args.camera, args.max_steps, args.seed, args.action_noise,
-        args.variation_seeds,
-    )
-    wall_time = time.perf_counter() - start
-    if len(dataset) == 0:
-        raise RuntimeError(f"No episode of {args.tasks} succeeded within --max-steps={args.max_steps}; raise it.")
-    dataset.save_to_disk(str(args.output))
-    attempted = args.episodes_per_task * len(args.tasks)
-    stats = {
-        **demonstration_stats(dataset, args.tasks, args.episodes_per_task),
-        "wall_time_s": wall_time,
-        "seconds_per_episode": wall_time / attempted,
-        "settings": {
-            "image_size": args.image_size, "camera": args.camera, "max_steps": args.max_steps, "seed": args.seed,
-            "action_noise": args.action_noise, "variation_seeds": args.variation_seeds, "steps_after_success": STEPS_AFTER_SUCCESS,
-        },
-    }
-    (args.output / "stats.json").write_text(json.dumps(stats, indent=2))
-    save_preview(dataset, args.output / "preview.png")
-
-    for task, task_stats in stats["tasks"].items():
-        print(
-            f"{task:<26} kept {task_stats['episodes_successful']}/{task_stats['episodes_attempted']} episodes, "
-            f"{task_stats['steps']} steps"
-        )
-    print(f"{len(dataset)} rows in {wall_time:.1f}s ({wall_time / attempted:.2f}s per episode)")
-    print(f"dataset: {args.output}\nstats: {args.output / 'stats.json'}\npreview: {args.output / 'preview.png'}")
-
-
-if __name__ == "__main__":
-    main()

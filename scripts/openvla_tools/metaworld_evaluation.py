@@ -1,7 +1,7 @@
 """Closed-loop evaluation on Meta-World: a saved OpenVLA model (or the scripted expert, or random actions) on held-out
 variations, judged by Meta-World's own success signal.
 
-    python scripts/evaluate_metaworld.py --model outputs/metaworld --tasks button-press-topdown-v3 drawer-close-v3 \\
+    python scripts/evaluate.py --env metaworld --model outputs/metaworld --tasks button-press-topdown-v3 drawer-close-v3 \\
         coffee-button-v3 --episodes-per-task 20 --json outputs/metaworld_eval.json --plot outputs/metaworld_eval.png \\
         --strip outputs/metaworld_episodes.gif
 
@@ -19,9 +19,6 @@ level, the instructions and settings, and `baselines` (`random`, `scripted`) wit
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,17 +27,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from modeling_openvla import OpenVLAPolicy
 
-from metaworld_env import (  # noqa: E402
+from .envs.metaworld_env import (
     ACTION_DIM,
     DEFAULT_CAMERA,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_STEPS,
     EVAL_SEED,
-    KNOWN_TASKS,
     TASK_INSTRUCTIONS,
     Episode,
     MetaWorldEnv,
@@ -51,9 +45,7 @@ from metaworld_env import (  # noqa: E402
     run_episode,
     task_variations,
 )
-from tabletop import save_episode_strip  # noqa: E402
-
-from modeling_openvla import OpenVLAPolicy  # noqa: E402
+from .envs.tabletop import save_episode_strip
 
 BASELINES: dict[str, Callable[[str], Policy]] = {
     "random": lambda task: RandomPolicy(seed=0),
@@ -72,7 +64,7 @@ class ModelPolicy:
         if model.config.action_dim != ACTION_DIM:
             raise ValueError(
                 f"The model predicts action_dim={model.config.action_dim} values but Meta-World actions have "
-                f"{ACTION_DIM} (dx, dy, dz, gripper); train it on Meta-World demonstrations (scripts/metaworld_demos.py)."
+                f"{ACTION_DIM} (dx, dy, dz, gripper); train it on Meta-World demonstrations (scripts/demos.py --env metaworld)."
             )
         self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, **policy_options)
 
@@ -215,57 +207,3 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     for task in tasks:
         print(f"{task:<26}" + "".join(f"{results[name]['success'][task]:>13.1%}" for name in names))
     print(f"{'mean':<26}" + "".join(f"{results[name]['mean_success']:>13.1%}" for name in names))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Saved model folder or Hub id, or 'scripted' or 'random'.")
-    parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
-    parser.add_argument("--episodes-per-task", type=int, required=True, help="Held-out episodes per task.")
-    parser.add_argument("--json", type=Path, required=True, help="Write the results here.")
-    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="Steps per episode at most.")
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
-    parser.add_argument("--camera", default=DEFAULT_CAMERA, help="Meta-World camera name.")
-    parser.add_argument("--plot", type=Path, default=None, help="Write a bar plot (PNG) here.")
-    parser.add_argument("--strip", type=Path, default=None, help="Write the first episode of each task here (.png or .gif).")
-    parser.add_argument("--unnorm-key", default=None, help="Dataset whose action statistics unnormalise the model's actions.")
-    parser.add_argument(
-        "--n-action-steps", type=int, default=None,
-        help="Actions of each predicted chunk executed before the model is queried again (1..chunk size; default: the "
-        "whole chunk).",
-    )
-    parser.add_argument(
-        "--temporal-ensemble-coeff", type=float, default=None,
-        help="Query the model at every step and execute the weighted mean of the overlapping chunks' actions for that "
-        "step, weight exp(-coeff * i) for the i-th oldest (ACT's temporal ensembling; 0 = plain mean).",
-    )
-    parser.add_argument("--no-baselines", action="store_true", help="Do not run the random and scripted baselines.")
-    args = parser.parse_args(argv)
-
-    check_tasks(args.tasks)  # before a model loads
-    label = args.model if args.model in BASELINES else "model"
-    settings = {"tasks": args.tasks, "episodes_per_task": args.episodes_per_task, "max_steps": args.max_steps,
-                "image_size": args.image_size, "camera_name": args.camera}
-    policy_options = {"n_action_steps": args.n_action_steps, "temporal_ensemble_coeff": args.temporal_ensemble_coeff}
-    factory = policy_factory(args.model, args.unnorm_key, **policy_options)
-    results = {label: evaluate_policy_on_tasks(factory, strip_path=args.strip, desc=label, **settings)}
-    if not args.no_baselines:
-        for name, baseline in BASELINES.items():
-            if name != label:
-                results[name] = evaluate_policy_on_tasks(baseline, desc=name, **settings)
-    print_table(results)
-
-    summary = {
-        "policy": args.model,
-        **results[label],
-        "settings": {**settings, "variation_seed": EVAL_SEED, "unnorm_key": args.unnorm_key, **policy_options},
-        "baselines": {name: result for name, result in results.items() if name != label},
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2))
-    if args.plot is not None:
-        save_plot(results, args.plot)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,132 @@
+"""Scripted-expert demonstrations, written as a dataset folder that `scripts/finetune.py --dataset_name` reads.
+
+    python scripts/demos.py --env tabletop --episodes 1000 --output outputs/tabletop_demos
+    python scripts/demos.py --env metaworld --tasks button-press-topdown-v3 drawer-close-v3 coffee-button-v3 \\
+        --episodes-per-task 100 --camera topview --action-noise 0.2 --output outputs/metaworld_demos
+
+`--env` picks the environment (default `tabletop`); the other options are the environment's own (`--env ENV --help`
+lists them). Tabletop: the built-in 2-D task (`openvla_tools.envs.tabletop`). Meta-World (the `metaworld` extra):
+the scripted expert policies on the training variations (`openvla_tools.envs.metaworld_demos` says how episodes,
+noise and variations are chosen); `DIR/stats.json` holds the action statistics and wall time. Both write
+`DIR/preview.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from openvla_tools.envs.tabletop import TASK_KINDS, episode_frames, generate_demonstrations, save_episode_strip
+
+ENVIRONMENTS = ("tabletop", "metaworld")
+
+
+def tabletop_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="demos.py --env tabletop", description="Tabletop demonstrations and a preview image.")
+    parser.add_argument("--episodes", type=int, default=100, help="number of expert episodes")
+    parser.add_argument("--output", type=Path, required=True, help="directory for the dataset (save_to_disk)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--num-objects", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--dataset-name", default="tabletop")
+    parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="goal kinds to sample")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    dataset = generate_demonstrations(
+        args.episodes, args.seed, args.image_size, args.num_objects, args.max_steps, args.dataset_name,
+        task_kinds=args.tasks,
+    )
+    elapsed = time.perf_counter() - start
+    dataset.save_to_disk(args.output)
+    preview = args.output / "preview.png"
+    frames, captions = episode_frames(dataset, num_episodes=4)
+    save_episode_strip(frames, preview, captions)
+
+    steps_per_episode = len(dataset) / max(1, args.episodes)
+    print(f"{args.episodes} episodes, {len(dataset)} steps ({steps_per_episode:.1f} per episode) in {elapsed:.1f}s")
+    print(f"{len(set(dataset['instruction']))} distinct instructions, e.g. {dataset[0]['instruction']!r}")
+    print(f"dataset: {args.output}\npreview: {preview}")
+
+
+def metaworld_main(argv: Sequence[str]) -> None:
+    from openvla_tools.envs.metaworld_demos import (
+        STEPS_AFTER_SUCCESS,
+        demonstration_stats,
+        generate_metaworld_demonstrations,
+        save_preview,
+    )
+    from openvla_tools.envs.metaworld_env import (
+        DEFAULT_CAMERA,
+        DEFAULT_IMAGE_SIZE,
+        DEFAULT_MAX_STEPS,
+        EVAL_SEED,
+        KNOWN_TASKS,
+        TRAIN_SEED,
+    )
+
+    parser = argparse.ArgumentParser(prog="demos.py --env metaworld", description="Meta-World demonstrations from the scripted experts (openvla_tools.envs.metaworld_demos).")
+    parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
+    parser.add_argument("--episodes-per-task", type=int, required=True, help="Expert episodes run per task.")
+    parser.add_argument("--output", type=Path, required=True, help="Folder for the dataset (save_to_disk).")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
+    parser.add_argument("--camera", default=DEFAULT_CAMERA, help="Meta-World camera name.")
+    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="Steps per episode at most.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the instruction paraphrases and the noise.")
+    parser.add_argument(
+        "--action-noise", type=float, default=0.0,
+        help="Std of Gaussian noise added to the executed actions (the rows keep the expert's); 0 = none.",
+    )
+    parser.add_argument(
+        "--variation-seeds", type=int, nargs="+", default=[TRAIN_SEED],
+        help=f"Meta-World seeds; the episodes cycle through the 50 variations of each (not {EVAL_SEED}, the held-out seed).",
+    )
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    dataset = generate_metaworld_demonstrations(
+        args.tasks, args.episodes_per_task, args.image_size, args.camera, args.max_steps, args.seed, args.action_noise,
+        args.variation_seeds,
+    )
+    wall_time = time.perf_counter() - start
+    if len(dataset) == 0:
+        raise RuntimeError(f"No episode of {args.tasks} succeeded within --max-steps={args.max_steps}; raise it.")
+    dataset.save_to_disk(str(args.output))
+    attempted = args.episodes_per_task * len(args.tasks)
+    stats = {
+        **demonstration_stats(dataset, args.tasks, args.episodes_per_task),
+        "wall_time_s": wall_time,
+        "seconds_per_episode": wall_time / attempted,
+        "settings": {
+            "image_size": args.image_size, "camera": args.camera, "max_steps": args.max_steps, "seed": args.seed,
+            "action_noise": args.action_noise, "variation_seeds": args.variation_seeds, "steps_after_success": STEPS_AFTER_SUCCESS,
+        },
+    }
+    (args.output / "stats.json").write_text(json.dumps(stats, indent=2))
+    save_preview(dataset, args.output / "preview.png")
+
+    for task, task_stats in stats["tasks"].items():
+        print(
+            f"{task:<26} kept {task_stats['episodes_successful']}/{task_stats['episodes_attempted']} episodes, "
+            f"{task_stats['steps']} steps"
+        )
+    print(f"{len(dataset)} rows in {wall_time:.1f}s ({wall_time / attempted:.2f}s per episode)")
+    print(f"dataset: {args.output}\nstats: {args.output / 'stats.json'}\npreview: {args.output / 'preview.png'}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser.add_argument("--env", choices=ENVIRONMENTS, default=None, help="Environment of the demonstrations (default: tabletop).")
+    args, rest = parser.parse_known_args(argv)
+    if args.env is None and {"-h", "--help"} & set(rest):
+        parser.print_help()
+        return
+    (metaworld_main if args.env == "metaworld" else tabletop_main)(rest)
+
+
+if __name__ == "__main__":
+    main()
