@@ -750,3 +750,24 @@ def make_test_image(
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(arr, mode="RGB")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Official remote code (stand-ins)
+# --------------------------------------------------------------------------------------------------------------------
+OFFICIAL_CODE_FILES = ("configuration_prismatic.py", "modeling_prismatic.py", "processing_prismatic.py")
+
+
+def write_official_code_stand_ins(path: str | Path) -> dict[str, str]:
+    """Write stand-ins for the official remote code (``*_prismatic.py``, which this project does not ship) to ``path``,
+    as an official checkpoint folder holds them; each has distinct text, so a test can tell that it was copied.
+    Returns ``{file name: text}``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    texts = {
+        name: f'"""Test stand-in for the official OpenVLA remote code file {name} (not the real code)."""\n'
+        for name in OFFICIAL_CODE_FILES
+    }
+    for name, text in texts.items():
+        (path / name).write_text(text)
+    return texts
