@@ -36,4 +36,9 @@ if $latest; then
 else
     .venv/bin/pip install --quiet -c constraints.txt -e "$project"
 fi
+if $dev; then
+    # openpi's client, which the serving tests drive, pins numpy<2 although it runs on numpy 2: installed without
+    # its dependencies (dm-tree, msgpack and websockets come with the dev extra)
+    .venv/bin/pip install --quiet --no-deps openpi-client==0.1.2
+fi
 .venv/bin/python -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"
