@@ -18,14 +18,24 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from openvla_tools.envs.tabletop import TASK_KINDS, evaluate_model, evaluate_policy, expert_policy, random_policy
+from openvla_tools.envs.tabletop import (
+    TASK_KINDS,
+    ModelPolicy,
+    evaluate_model,
+    evaluate_policy,
+    expert_policy,
+    random_policy,
+)
 
 ENVIRONMENTS = ("tabletop", "metaworld")
 
 
 def tabletop_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="evaluate.py --env tabletop", description="Closed-loop success on held-out tabletop episodes.")
-    parser.add_argument("--model", required=True, help="Saved model folder or Hub id.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Saved model folder or Hub id.")
+    source.add_argument("--server", help="URL of a model served by scripts/serve.py (the `serve` extra).")
+    parser.add_argument("--api_key", default=None, help="The server's API key, if it has one.")
     parser.add_argument("--episodes", type=int, default=100, help="Held-out episodes.")
     parser.add_argument("--seed", type=int, default=10_000, help="Seed of the first held-out episode.")
     parser.add_argument("--unnorm_key", default=None, help="Dataset whose action statistics to use.")
@@ -35,12 +45,20 @@ def tabletop_main(argv: Sequence[str]) -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="Goal kinds of the episodes.")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModel, AutoProcessor
+    if args.server is not None:
+        from openvla_tools.remote_policy import RemotePolicy
 
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        served = ModelPolicy(RemotePolicy(args.server, api_key=args.api_key, unnorm_key=args.unnorm_key, n_action_steps=1))
+        evaluated = evaluate_policy(served, args.episodes, seed=args.seed, batch_size=args.batch_size,
+                                    strip_path=args.strip, task_kinds=args.tasks)
+    else:
+        from transformers import AutoModel, AutoProcessor
+
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        evaluated = evaluate_model(model, processor, args.episodes, args.seed, args.unnorm_key, args.batch_size, args.strip, args.tasks)
     results = {
-        "model": evaluate_model(model, processor, args.episodes, args.seed, args.unnorm_key, args.batch_size, args.strip, args.tasks),
+        "model": evaluated,
         "expert": evaluate_policy(expert_policy, args.episodes, seed=args.seed, task_kinds=args.tasks),
         "random": evaluate_policy(random_policy(0), args.episodes, seed=args.seed, task_kinds=args.tasks),
     }
@@ -70,7 +88,10 @@ def metaworld_main(argv: Sequence[str]) -> None:
     )
 
     parser = argparse.ArgumentParser(prog="evaluate.py --env metaworld", description="Closed-loop success on held-out Meta-World variations (openvla_tools.metaworld_evaluation).")
-    parser.add_argument("--model", required=True, help="Saved model folder or Hub id, or 'scripted' or 'random'.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Saved model folder or Hub id, or 'scripted' or 'random'.")
+    source.add_argument("--server", help="URL of a model served by scripts/serve.py (the `serve` extra).")
+    parser.add_argument("--api-key", default=None, help="The server's API key, if it has one.")
     parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
     parser.add_argument("--episodes-per-task", type=int, required=True, help="Held-out episodes per task.")
     parser.add_argument("--json", type=Path, required=True, help="Write the results here.")
@@ -98,7 +119,7 @@ def metaworld_main(argv: Sequence[str]) -> None:
     settings = {"tasks": args.tasks, "episodes_per_task": args.episodes_per_task, "max_steps": args.max_steps,
                 "image_size": args.image_size, "camera_name": args.camera}
     policy_options = {"n_action_steps": args.n_action_steps, "temporal_ensemble_coeff": args.temporal_ensemble_coeff}
-    factory = policy_factory(args.model, args.unnorm_key, **policy_options)
+    factory = policy_factory(args.model, args.unnorm_key, args.server, args.api_key, **policy_options)
     results = {label: evaluate_policy_on_tasks(factory, strip_path=args.strip, desc=label, **settings)}
     if not args.no_baselines:
         for name, baseline in BASELINES.items():
@@ -107,7 +128,7 @@ def metaworld_main(argv: Sequence[str]) -> None:
     print_table(results)
 
     summary = {
-        "policy": args.model,
+        "policy": args.model or args.server,
         **results[label],
         "settings": {**settings, "variation_seed": EVAL_SEED, "unnorm_key": args.unnorm_key, **policy_options},
         "baselines": {name: result for name, result in results.items() if name != label},

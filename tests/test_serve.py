@@ -627,3 +627,20 @@ def test_readme_client_snippets_run_as_written(processor, chunked):
                 env={**os.environ, "HF_HUB_OFFLINE": "1"},
             )
             assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_evaluator_drives_a_served_model_as_it_drives_the_local_one(processor, chunked, tmp_path):
+    """`scripts/evaluate.py --server URL` runs the same closed-loop episodes through RemotePolicy as `--model PATH`
+    runs locally, and gets the same per-episode outcomes."""
+    from evaluate import main as evaluate_main
+
+    tabletop_processor = make_processor(processor.tokenizer, image_size=56)
+    folder = tmp_path / "model"
+    chunked.save_pretrained(folder)
+    tabletop_processor.save_pretrained(folder)
+    common = ["--env", "tabletop", "--episodes", "3", "--batch_size", "3", "--unnorm_key", "robot_a"]
+    evaluate_main([*common, "--model", str(folder), "--json", str(tmp_path / "local.json")])
+    with serving(ActionPredictor(chunked, tabletop_processor, unnorm_key="robot_a")) as (url, _, _):
+        evaluate_main([*common, "--server", url, "--json", str(tmp_path / "served.json")])
+    local, served = (json.loads((tmp_path / name).read_text())["model"] for name in ("local.json", "served.json"))
+    assert served == local

@@ -61,12 +61,26 @@ class ModelPolicy:
     needs_image = True
 
     def __init__(self, model, processor, unnorm_key: str | None = None, **policy_options: Any):
-        if model.config.action_dim != ACTION_DIM:
+        self.policy = self._checked(OpenVLAPolicy(model.eval(), processor, unnorm_key, **policy_options))
+
+    @classmethod
+    def served(cls, url: str, unnorm_key: str | None = None, api_key: str | None = None, **policy_options: Any) -> ModelPolicy:
+        """The model that `scripts/serve.py` serves at `url`, through `RemotePolicy` (the `serve` extra)."""
+        from .remote_policy import RemotePolicy
+
+        served = cls.__new__(cls)
+        served.policy = cls._checked(RemotePolicy(url, api_key=api_key, unnorm_key=unnorm_key, **policy_options))
+        return served
+
+    @staticmethod
+    def _checked(policy: OpenVLAPolicy) -> OpenVLAPolicy:
+        action_dim = policy.model.config.action_dim
+        if action_dim != ACTION_DIM:
             raise ValueError(
-                f"The model predicts action_dim={model.config.action_dim} values but Meta-World actions have "
-                f"{ACTION_DIM} (dx, dy, dz, gripper); train it on Meta-World demonstrations (scripts/demos.py --env metaworld)."
+                f"The model predicts action_dim={action_dim} values but Meta-World actions have {ACTION_DIM} (dx, dy, "
+                "dz, gripper); train it on Meta-World demonstrations (scripts/demos.py --env metaworld)."
             )
-        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, **policy_options)
+        return policy
 
     def reset(self) -> None:
         self.policy.reset()
@@ -85,9 +99,14 @@ def load_model_policy(path: str, unnorm_key: str | None = None, **policy_options
     return ModelPolicy(model, processor, unnorm_key, **policy_options)
 
 
-def policy_factory(model: str, unnorm_key: str | None = None, **policy_options: Any) -> Callable[[str], Policy]:
-    """task name -> policy: a baseline's (`scripted`, `random`) or, for a model folder or Hub id, one `ModelPolicy`
-    for every task. `policy_options` set to anything but `None` are refused for the baselines."""
+def policy_factory(model: str, unnorm_key: str | None = None, server: str | None = None, api_key: str | None = None,
+                   **policy_options: Any) -> Callable[[str], Policy]:
+    """task name -> policy: a baseline's (`scripted`, `random`) or, for a model folder or Hub id, or the model served
+    at `server`, one `ModelPolicy` for every task. `policy_options` set to anything but `None` are refused for the
+    baselines."""
+    if server is not None:
+        policy = ModelPolicy.served(server, unnorm_key, api_key, **policy_options)
+        return lambda task: policy
     if model in BASELINES:
         for name, value in policy_options.items():
             if value is not None:

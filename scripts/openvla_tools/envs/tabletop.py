@@ -553,10 +553,13 @@ def episode_frames(dataset: datasets.Dataset, num_episodes: int) -> tuple[list[l
 
 class ModelPolicy:
     """`policy(images, instructions) -> [B, action_dim]` for `evaluate_policy`, whose batch shrinks as episodes end:
-    an `OpenVLAPolicy` that re-plans at every step (the first action of a chunk is executed)."""
+    an `OpenVLAPolicy` (a local model, or a served one through `RemotePolicy`) that re-plans at every step, so the
+    first action of each predicted chunk is executed."""
 
-    def __init__(self, model, processor, unnorm_key: str | None = None):
-        self.policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=1)
+    def __init__(self, policy: OpenVLAPolicy):
+        if policy.n_action_steps != 1:
+            raise ValueError(f"The tabletop evaluator re-plans at every step; build the policy with n_action_steps=1, got {policy.n_action_steps}.")
+        self.policy = policy
 
     def __call__(self, images: list, instructions: list[str]) -> np.ndarray:
         self.policy.reset()
@@ -569,5 +572,6 @@ def evaluate_model(model, processor, num_episodes: int = 100, seed: int = 10_000
                    task_kinds: Sequence[str] = TASK_KINDS) -> dict[str, Any]:
     """Success rate of `model` on `num_episodes` held-out tabletop episodes (seeds `seed`, `seed + 1`, ...) whose goals
     are of `task_kinds`."""
-    return evaluate_policy(ModelPolicy(model, processor, unnorm_key), num_episodes, seed=seed, batch_size=batch_size,
+    policy = ModelPolicy(OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=1))
+    return evaluate_policy(policy, num_episodes, seed=seed, batch_size=batch_size,
                            strip_path=strip_path, task_kinds=task_kinds)
