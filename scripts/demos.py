@@ -9,6 +9,12 @@ lists them). Tabletop: the built-in 2-D task (`openvla_tools.envs.tabletop`). Me
 the scripted expert policies on the training variations (`openvla_tools.envs.metaworld_demos` says how episodes,
 noise and variations are chosen); `DIR/stats.json` holds the action statistics and wall time. Both write
 `DIR/preview.png`.
+
+`--format lerobot` writes a LeRobot v3.0 dataset instead of a `save_to_disk` folder (`openvla_tools.lerobot_writer`:
+camera `observation.images.main` as AV1 mp4, or with `--image_storage image` as lossless PNG in the parquet; tabletop
+at a nominal 10 fps, Meta-World at its 80 Hz control rate), which LeRobot's tools open and `finetune.py` reads:
+
+    python scripts/demos.py --env tabletop --episodes 1000 --format lerobot --output outputs/tabletop_lerobot
 """
 
 from __future__ import annotations
@@ -19,21 +25,43 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import datasets
+
 from openvla_tools.envs.tabletop import TASK_KINDS, episode_frames, generate_demonstrations, save_episode_strip
+from openvla_tools.lerobot_writer import IMAGE_STORAGES, write_lerobot_dataset
 
 ENVIRONMENTS = ("tabletop", "metaworld")
+FORMATS = ("datasets", "lerobot")
+FPS = {"tabletop": 10, "metaworld": 80}
+
+
+def add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, default="datasets", help="'datasets' (save_to_disk) or 'lerobot' (LeRobot v3.0).")
+    parser.add_argument(
+        "--image_storage", "--image-storage", dest="image_storage", choices=IMAGE_STORAGES, default="video",
+        help="LeRobot camera frames: 'video' (mp4) or 'image' (lossless PNG inside the parquet).",
+    )
+
+
+def save_demonstrations(dataset: datasets.Dataset, args: argparse.Namespace, env: str) -> None:
+    """Write `dataset` to `args.output` in `args.format`."""
+    if args.format == "lerobot":
+        write_lerobot_dataset(dataset, args.output, fps=FPS[env], image_storage=args.image_storage, robot_type=env)
+    else:
+        dataset.save_to_disk(str(args.output))
 
 
 def tabletop_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="demos.py --env tabletop", description="Tabletop demonstrations and a preview image.")
     parser.add_argument("--episodes", type=int, default=100, help="number of expert episodes")
-    parser.add_argument("--output", type=Path, required=True, help="directory for the dataset (save_to_disk)")
+    parser.add_argument("--output", type=Path, required=True, help="directory for the dataset (see --format)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--num-objects", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--dataset-name", default="tabletop")
     parser.add_argument("--tasks", nargs="+", choices=TASK_KINDS, default=list(TASK_KINDS), help="goal kinds to sample")
+    add_format_arguments(parser)
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -42,7 +70,7 @@ def tabletop_main(argv: Sequence[str]) -> None:
         task_kinds=args.tasks,
     )
     elapsed = time.perf_counter() - start
-    dataset.save_to_disk(args.output)
+    save_demonstrations(dataset, args, "tabletop")
     preview = args.output / "preview.png"
     frames, captions = episode_frames(dataset, num_episodes=4)
     save_episode_strip(frames, preview, captions)
@@ -72,7 +100,7 @@ def metaworld_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="demos.py --env metaworld", description="Meta-World demonstrations from the scripted experts (openvla_tools.envs.metaworld_demos).")
     parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
     parser.add_argument("--episodes-per-task", type=int, required=True, help="Expert episodes run per task.")
-    parser.add_argument("--output", type=Path, required=True, help="Folder for the dataset (save_to_disk).")
+    parser.add_argument("--output", type=Path, required=True, help="Folder for the dataset (see --format).")
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
     parser.add_argument("--camera", default=DEFAULT_CAMERA, help="Meta-World camera name.")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="Steps per episode at most.")
@@ -85,6 +113,7 @@ def metaworld_main(argv: Sequence[str]) -> None:
         "--variation-seeds", type=int, nargs="+", default=[TRAIN_SEED],
         help=f"Meta-World seeds; the episodes cycle through the 50 variations of each (not {EVAL_SEED}, the held-out seed).",
     )
+    add_format_arguments(parser)
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -95,7 +124,7 @@ def metaworld_main(argv: Sequence[str]) -> None:
     wall_time = time.perf_counter() - start
     if len(dataset) == 0:
         raise RuntimeError(f"No episode of {args.tasks} succeeded within --max-steps={args.max_steps}; raise it.")
-    dataset.save_to_disk(str(args.output))
+    save_demonstrations(dataset, args, "metaworld")
     attempted = args.episodes_per_task * len(args.tasks)
     stats = {
         **demonstration_stats(dataset, args.tasks, args.episodes_per_task),
