@@ -17,6 +17,11 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+try:
+    from .processing_openvla import check_norm_stats
+except ImportError:
+    from processing_openvla import check_norm_stats
+
 ACTION_BINNING_SCHEMES = ("reference", "openvla")
 ACTION_DECODING_MODES = ("autoregressive", "parallel")
 ACTION_HEADS = ("tokens", "l1_regression")
@@ -193,7 +198,8 @@ class OpenVLAConfig(PreTrainedConfig):
             tokenizer.
         norm_stats (`dict`, *optional*): per-dataset action statistics in the official OpenVLA layout,
             `{dataset: {"action": {"q01": [...], "q99": [...], "mean": [...], "std": [...], "min": [...],
-            "max": [...], "mask": [...]}}}`.
+            "max": [...], "mask": [...]}}}`; checked (finite, `q01 <= q99`, lengths) whenever the config is
+            built or loaded.
     """
 
     model_type = "openvla"
@@ -348,6 +354,7 @@ class OpenVLAConfig(PreTrainedConfig):
         for name, choices in OPTION_CHOICES:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")
+        check_norm_stats(self.norm_stats)
         self._validate_vision_stem()
         if self.action_decoding == "autoregressive" and self.action_chunk_size != 1:
             raise ValueError(

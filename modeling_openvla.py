@@ -46,10 +46,27 @@ from transformers.utils import ModelOutput
 
 try:
     from .configuration_openvla import OpenVLAConfig, conv_stem_in_channels, conv_stem_widths
-    from .processing_openvla import IGNORE_INDEX, ActionTokenizer
+    from .processing_openvla import (
+        IGNORE_INDEX,
+        ActionTokenizer,
+        as_image_list,
+        check_same_norm_stats,
+        check_saved_folder,
+    )
 except ImportError:
     from configuration_openvla import OpenVLAConfig, conv_stem_in_channels, conv_stem_widths
-    from processing_openvla import IGNORE_INDEX, ActionTokenizer
+    from processing_openvla import (
+        IGNORE_INDEX,
+        ActionTokenizer,
+        as_image_list,
+        check_same_norm_stats,
+        check_saved_folder,
+    )
+
+# Largest |pixel value| the image processor produces: `(x - mean) / std` for `x` in [0, 1] stays within
+# `max(mean, 1 - mean) / std`, under 3 for the ImageNet and SigLIP constants and under 10 for any `std >= 0.1`. Raw
+# 0-255 pixels pass it as soon as one pixel is brighter than 10.
+MAX_NORMALISED_PIXEL = 10.0
 
 
 def regression_loss(
@@ -543,6 +560,17 @@ class OpenVLAPreTrainedModel(PreTrainedModel):
         checkpoint, finds every weight."""
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a saved model. A local folder is checked first for `config.json` (unless `config=` is given) and
+        safetensors weights, so that an incomplete folder (e.g. left by a run killed while saving) fails with the
+        missing file named, rather than loading a default-sized model or failing inside the Hub lookup."""
+        needs = {"model.safetensors": (".safetensors", ".safetensors.index.json")}
+        if kwargs.get("config") is None:
+            needs["config.json"] = ("config.json",)
+        check_saved_folder(pretrained_model_name_or_path, needs, kwargs.get("subfolder"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
 
 class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
     """Image + instruction -> discretised robot action.
@@ -638,12 +666,36 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         return self.config.action_chunk_size * self.config.action_dim
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Refuse anything but what the image processor makes: a floating-point tensor `[batch, C, H, W]` of finite
+        values within +-`MAX_NORMALISED_PIXEL`.
+
+        An integer dtype (uint8 camera frames) or a value beyond the bound (0-255 pixels) means raw pixels that were
+        not normalised; NaN or inf would pin the action to one end of its range. The value check is one reduction over
+        the tensor, skipped on the meta device and while compiling. Raw pixels already scaled to [0, 1] lie within
+        the bound and cannot be told apart from normalised ones.
+        """
+        fix = "preprocess images with the model's OpenVLAProcessor / OpenVLAImageProcessor"
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(
+                f"pixel_values must be a torch tensor, got {type(pixel_values).__name__}; {fix} (return_tensors='pt')."
+            )
         config = self.config
         expected = (config.pixel_channels, config.image_size, config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values must be [batch, {expected[0]}, {expected[1]}, {expected[2]}] for this model, got "
-                f"{tuple(pixel_values.shape)}; preprocess images with the model's OpenVLAProcessor / OpenVLAImageProcessor."
+                f"{tuple(pixel_values.shape)}; {fix}."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values have dtype {pixel_values.dtype}, so they are raw image pixels; {fix}.")
+        if pixel_values.device.type == "meta" or torch.compiler.is_compiling():
+            return
+        if not bool((pixel_values.abs() <= MAX_NORMALISED_PIXEL).all()):
+            if not bool(torch.isfinite(pixel_values).all()):
+                raise ValueError(f"pixel_values hold NaN or inf; check the camera frame and {fix}.")
+            raise ValueError(
+                f"pixel_values reach {pixel_values.abs().max().item():.4g}, beyond the +-{MAX_NORMALISED_PIXEL} that "
+                f"normalised images span: they look like raw 0-255 pixels; {fix}."
             )
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -933,9 +985,13 @@ class OpenVLAPolicy:
     this step: weight `exp(-temporal_ensemble_coeff * i)` for the `i`-th oldest prediction, so 0 is a plain mean, a
     positive value favours the older predictions and a negative one the newer.
 
+    A new instruction re-plans at once: when an environment's instruction differs from the one its queued actions
+    (or ensembled chunks) were planned for, that queue is dropped and the model queried for the new instruction, so
+    no step executes the old plan. The other environments keep their queues.
+
     Args:
         model: an `OpenVLAForActionPrediction` (put it in eval mode and on its device first).
-        processor: the model's `OpenVLAProcessor`.
+        processor: the model's `OpenVLAProcessor`; its `norm_stats`, if any, must equal the model's.
         unnorm_key: dataset whose statistics unnormalise the actions (see `predict_action`); checked here.
         n_action_steps: actions executed per model query, in `1..action_chunk_size`; defaults to `action_chunk_size`,
             or to 1 with `temporal_ensemble_coeff`.
@@ -979,13 +1035,16 @@ class OpenVLAPolicy:
                 f"action_chunk_size={chunk_size} action(s) per call (action_decoding={model.config.action_decoding!r})."
             )
         model.action_tokenizer.stats_for(unnorm_key)  # unknown or ambiguous keys fail now, not mid-episode
+        check_same_norm_stats(model.config.norm_stats, getattr(processor, "norm_stats", None) or {})
         self.model = model
         self.processor = processor
         self.unnorm_key = unnorm_key
         self.n_action_steps = n_action_steps
         self.temporal_ensemble_coeff = temporal_ensemble_coeff
-        # One deque per environment: the actions still to execute, or with temporal ensembling the last chunks.
+        # One deque per environment: the actions still to execute, or with temporal ensembling the last chunks; and
+        # the instruction each environment's queue was planned for.
         self._queues: list[deque] = []
+        self._instructions: list[str] = []
 
     @property
     def chunk_size(self) -> int:
@@ -1001,6 +1060,7 @@ class OpenVLAPolicy:
         of the environments `env_ids` (episodes that ended while others go on)."""
         if env_ids is None:
             self._queues = []
+            self._instructions = []
             return
         for env_id in [env_ids] if isinstance(env_ids, int) else env_ids:
             if not 0 <= env_id < len(self._queues):
@@ -1010,26 +1070,40 @@ class OpenVLAPolicy:
     def select_action(self, image, instruction: str) -> np.ndarray:
         """One environment: an image (PIL, numpy `[H, W, C]` or torch `[C, H, W]`) and its instruction -> the next
         action, float32 `[action_dim]` (unnormalised with `unnorm_key`)."""
+        if isinstance(image, (list, tuple)) or (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4):
+            raise ValueError(
+                f"select_action takes one image, got {len(image)}; step several environments with select_actions "
+                "(one image and one instruction each)."
+            )
         return self.select_actions([image], [instruction])[0]
 
     def select_actions(self, images: Sequence, instructions: str | Sequence[str]) -> np.ndarray:
         """`B` environments stepped together: `B` images and `B` instructions (or one for all) -> the next action of
-        each, float32 `[B, action_dim]`. Environments whose queue is empty are re-planned in one batched model call."""
-        images = list(images)
+        each, float32 `[B, action_dim]`. Environments whose queue is empty, or whose instruction changed, are
+        re-planned in one batched model call."""
+        images = as_image_list(images)
         instructions = [instructions] * len(images) if isinstance(instructions, str) else list(instructions)
-        if not images or len(instructions) != len(images):
+        if len(instructions) != len(images):
             raise ValueError(
                 f"Got {len(images)} images and {len(instructions)} instructions; pass one (image, instruction) per "
                 "environment."
             )
+        for env_id, instruction in enumerate(instructions):
+            if not isinstance(instruction, str):
+                raise ValueError(f"The instruction of environment {env_id} is {instruction!r}, not a string.")
         ensembling = self.temporal_ensemble_coeff is not None
         if not self._queues:
             self._queues = [deque(maxlen=self.chunk_size if ensembling else None) for _ in images]
+            self._instructions = list(instructions)
         elif len(self._queues) != len(images):
             raise ValueError(
                 f"Got {len(images)} environments but the policy holds action queues for {len(self._queues)}; call "
                 "reset() when the number of environments changes."
             )
+        for env_id, instruction in enumerate(instructions):
+            if instruction != self._instructions[env_id]:
+                self._queues[env_id].clear()
+                self._instructions[env_id] = instruction
         stale = [env_id for env_id, queue in enumerate(self._queues) if ensembling or not queue]
         if stale:
             chunks = self._plan([images[i] for i in stale], [instructions[i] for i in stale])

@@ -12,15 +12,25 @@
 """
 
 import inspect
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from transformers import AutoTokenizer, BatchFeature
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.image_transforms import rescale
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+    load_image,
+)
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 DEFAULT_PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
@@ -39,6 +49,8 @@ OFFICIAL_IMAGE_PROCESSOR_KEYS = (
     "use_fused_vision_backbone",
 )
 IGNORE_INDEX = -100
+# A saved processor's settings: ours (`processor_config.json`) or an official checkpoint's image-processor file.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -249,6 +261,100 @@ def resolve_unnorm_key(norm_stats: Mapping[str, Any], unnorm_key: str | None) ->
     return unnorm_key
 
 
+def check_norm_stats(norm_stats: Any) -> None:
+    """Check per-dataset action statistics before anything normalises or unnormalises with them.
+
+    Each dataset's statistics (official layout, `{"action": {"q01", "q99", "mask", ...}}`) need `q01` and `q99` of
+    one length, finite, with `q01 <= q99`, and a boolean `mask` (optional) of that length. An edited or corrupt
+    `config.json` would otherwise give NaN or sign-flipped actions without an error. (Statistics of another length
+    than the actions fail when they are applied, naming both.)
+
+    Raises:
+        ValueError: naming the dataset, the field and the value.
+    """
+    if not isinstance(norm_stats, Mapping):
+        raise ValueError(f"norm_stats must map dataset names to statistics, got {type(norm_stats).__name__}.")
+    for key, stats in norm_stats.items():
+        action_stats = stats.get("action", stats) if isinstance(stats, Mapping) else None
+        where = f"norm_stats[{key!r}]"
+        if not isinstance(action_stats, Mapping) or not {"q01", "q99"} <= set(action_stats):
+            raise ValueError(
+                f"{where} has no action 'q01' and 'q99' bounds; compute statistics with compute_action_stats."
+            )
+        try:
+            low = np.asarray(action_stats["q01"], dtype=np.float64)
+            high = np.asarray(action_stats["q99"], dtype=np.float64)
+            mask = np.asarray(action_stats.get("mask", np.ones_like(low, dtype=bool)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where} holds q01 / q99 / mask entries that are not lists of numbers: {error}.") from error
+        if low.ndim != 1 or not low.shape == high.shape == mask.shape:
+            raise ValueError(
+                f"{where} has q01 {low.shape}, q99 {high.shape} and mask {mask.shape}: they need one entry per action "
+                "dimension each; recompute the statistics."
+            )
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"{where} has mask {mask.tolist()}; a mask holds booleans, one per action dimension.")
+        for name, values in (("q01", low), ("q99", high)):
+            if not np.all(np.isfinite(values)):
+                raise ValueError(f"{where} has {name}={values.tolist()} with NaN or inf; recompute the statistics.")
+        flipped = np.flatnonzero(low > high)
+        if flipped.size:
+            raise ValueError(
+                f"{where} has q01 > q99 in action dimension(s) {flipped.tolist()} (q01 {low[flipped].tolist()}, q99 "
+                f"{high[flipped].tolist()}); the file is corrupt or edited: recompute the statistics."
+            )
+
+
+def _warn_far_outside(values: np.ndarray, stats: Mapping[str, Any], unnorm_key: str | None) -> None:
+    """Warn about actions more than one q01..q99 span beyond those bounds: normalisation clips them to the end bin,
+    which is by design for the 2% of samples past the quantiles but means wrong statistics (another dataset's, other
+    units) when values are that far out. The message names the dataset and dimension, not the value, so Python shows
+    it once per dimension rather than once per sample."""
+    low, high, mask = _stat_arrays(stats, values.shape[-1])
+    span = high - low
+    far = mask & (span > 0) & ((values < low - span) | (values > high + span))
+    if far.any():
+        dim = int(np.argwhere(far)[0][-1])
+        warnings.warn(
+            f"Actions of dataset {unnorm_key!r} lie far outside its statistics in action dimension {dim} (more than "
+            f"the q01..q99 range [{low[dim]:.4g}, {high[dim]:.4g}] away from it) and are clipped to the end bin. Check "
+            "that the statistics belong to these actions (dataset name, units).",
+            stacklevel=3,
+        )
+
+
+def check_same_norm_stats(model_stats: Mapping[str, Any], processor_stats: Mapping[str, Any]) -> None:
+    """Refuse a model and a processor whose statistics differ: the processor normalises training labels with its
+    copy and the model unnormalises predictions with its own, so actions would come out rescaled without an error.
+    Either side may be empty (a processor that only prepares inputs)."""
+    if not model_stats or not processor_stats:
+        return
+    differing = sorted(set(model_stats) ^ set(processor_stats))
+    for key in sorted(set(model_stats) & set(processor_stats)):
+        pairs = [_stat_arrays(stats, len(stats.get("action", stats)["q01"])) for stats in (model_stats[key], processor_stats[key])]
+        if any(not np.array_equal(a.astype(np.float32), b.astype(np.float32)) for a, b in zip(*pairs)):
+            differing.append(key)
+    if differing:
+        raise ValueError(
+            f"The model's config.norm_stats and the processor's norm_stats differ for dataset(s) {differing}: labels "
+            "would be normalised with one copy and predictions unnormalised with the other. Load both from the same "
+            "folder, or set processor.norm_stats = model.config.norm_stats."
+        )
+
+
+def action_array(actions: ArrayLike | Sequence, name: str = "actions") -> np.ndarray:
+    """User-given actions (array, tensor or nested lists of numbers) -> float64 array, with a clear error for ragged
+    rows or values that are not numbers."""
+    try:
+        return _to_numpy(actions).astype(np.float64)
+    except (TypeError, ValueError) as error:
+        if isinstance(actions, (list, tuple)) and all(isinstance(row, (list, tuple, np.ndarray)) for row in actions):
+            lengths = sorted({len(row) for row in actions})
+            if len(lengths) > 1:
+                raise ValueError(f"{name} are ragged: rows have lengths {lengths}; every action needs action_dim values.") from error
+        raise ValueError(f"{name} must be numbers (float arrays or lists of floats): {error}.") from error
+
+
 class ActionTokenizer:
     """Maps actions to LLM token ids and back.
 
@@ -322,6 +428,7 @@ class ActionTokenizer:
         values = _to_numpy(actions).astype(np.float64)
         _check_finite(values)
         if stats is not None:
+            _warn_far_outside(values, stats, unnorm_key)
             values = normalize_actions(values, stats)
         elif values.size and (values.min() < self.action_min or values.max() > self.action_max):
             warnings.warn(
@@ -366,6 +473,160 @@ class ActionTokenizer:
         return self.bins_to_actions(self.token_ids_to_bins(token_ids), unnorm_key)
 
 
+# PIL modes whose pixels are numbers wider than 8 bits (16-bit, 32-bit integer, float): read as arrays, since PIL's own
+# conversion to RGB would clip them to 0-255.
+NUMERIC_PIL_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+CHANNEL_COUNTS = (1, 3, 4)
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, torch.Tensor))
+
+
+def _describe(value: Any) -> str:
+    if _is_array(value):
+        return f"an array of shape {tuple(value.shape)}"
+    return "None" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"
+
+
+def as_image_list(images: Any) -> list:
+    """`images` as a flat, non-empty list of single images.
+
+    One image (PIL, file path, `[H, W]` / `[H, W, C]` / `[C, H, W]` array or tensor) becomes a list of one; a 4-D array
+    or tensor is a batch (`[B, H, W, C]` or `[B, C, H, W]`); a list or tuple must hold single images.
+
+    Raises:
+        ValueError: for `None`, no images, `None` or a nested list inside a list, or an array that is not 2- to 4-D.
+    """
+    if isinstance(images, (list, tuple)):
+        for index, image in enumerate(images):
+            if image is None or isinstance(image, (list, tuple)) or (_is_array(image) and image.ndim not in (2, 3)):
+                raise ValueError(
+                    f"images[{index}] is {_describe(image)}; each entry of an image list must be one image (PIL, "
+                    "[H, W, C] / [C, H, W] array or tensor, or a file path)."
+                )
+        listed = list(images)
+    elif _is_array(images) and images.ndim == 4:
+        listed = list(images)
+    elif images is None or (_is_array(images) and images.ndim not in (2, 3)):
+        raise ValueError(
+            f"images is {_describe(images)}; pass one image (PIL, [H, W, C] / [C, H, W] array or tensor, or a file "
+            "path), a list of them, or a [B, H, W, C] / [B, C, H, W] batch."
+        )
+    else:
+        listed = [images]
+    if not listed:
+        raise ValueError("images holds no image; pass at least one.")
+    return listed
+
+
+def checked_image(
+    image: Any, input_data_format: ChannelDimension | str | None = None
+) -> tuple[PIL.Image.Image | np.ndarray, ChannelDimension | str | None]:
+    """One image in a form whose meaning is certain, with its channel layout.
+
+    - A file path (`str` or `pathlib.Path`), URL or base64 string is opened first.
+    - PIL images of 8-bit modes (`"RGB"`, `"L"`, `"RGBA"`, `"P"`, ...) pass unchanged (converted to RGB later,
+      transparency composited over white).
+    - Everything else becomes a uint8 array, by its type: 16-bit images (PIL `"I;16"`, uint16 arrays) are scaled by
+      255 / 65535; floating-point images (PIL `"F"`, float arrays) must hold values in [0, 1] and are scaled by 255;
+      other integer images (PIL `"I"`, int32 / int64 arrays) must hold values in [0, 255]. The range is never guessed
+      from the values, so a dark frame means the same as a bright one.
+    - The channel axis of a 3-D array is its first or last axis of size 1, 3 or 4; when both are (a 4 x 4 x 3 array
+      is either), `input_data_format` ("channels_first" / "channels_last") must say which. 2-D arrays are grayscale.
+
+    Returns:
+        `(image, input_data_format)`: a PIL image, or a uint8 array and its `ChannelDimension`.
+
+    Raises:
+        ValueError: naming the value and the fix, for an empty image, NaN or out-of-range values, an ambiguous or
+            missing channel axis, a file that does not exist, or an unsupported type.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image(image)
+    if isinstance(image, PIL.Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"Got an empty {image.width}x{image.height} PIL image; images need at least one pixel.")
+        if image.mode not in NUMERIC_PIL_MODES:
+            return image, input_data_format
+        array = np.asarray(image)
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        array = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise ValueError(
+            f"Got an image of type {type(image).__name__}; pass PIL images, numpy arrays, torch tensors or file paths."
+        )
+    if array.ndim == 2:
+        array, input_data_format = array[None], ChannelDimension.FIRST
+    data_format = _channel_format(array.shape, input_data_format)
+    height, width = array.shape[1:] if data_format == ChannelDimension.FIRST else array.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"Got an image array of shape {array.shape} ({height}x{width} pixels); images need at least one pixel.")
+    return _as_uint8(array), data_format
+
+
+def _open_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """A file path, URL or base64 string -> PIL image, with an error that names a path that does not exist."""
+    location = os.fspath(path)
+    try:
+        return load_image(location)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not read an image from {location!r}: no such image file (nor a URL or base64 image). Check the path."
+        ) from error
+
+
+def _channel_format(shape: tuple[int, ...], given: ChannelDimension | str | None) -> ChannelDimension:
+    """The channel axis of a 3-D image of `shape`: `given`, else the first or last axis of size 1, 3 or 4."""
+    if given is not None:
+        data_format = ChannelDimension(given)
+        channels = shape[0] if data_format == ChannelDimension.FIRST else shape[-1]
+        if channels not in CHANNEL_COUNTS:
+            raise ValueError(f"An image of shape {shape} with input_data_format={data_format.value!r} has {channels} channels; images have 1, 3 or 4.")
+        return data_format
+    first, last = shape[0] in CHANNEL_COUNTS, shape[-1] in CHANNEL_COUNTS
+    if first and last:
+        raise ValueError(
+            f"The channel axis of an image of shape {shape} is ambiguous (first or last); pass "
+            "input_data_format='channels_last' (for [H, W, C]) or 'channels_first' (for [C, H, W]), or a PIL image."
+        )
+    if not (first or last):
+        raise ValueError(
+            f"An image of shape {shape} has no channel axis of size 1, 3 or 4; pass [H, W, C] or [C, H, W] RGB, "
+            "RGBA or grayscale images."
+        )
+    return ChannelDimension.FIRST if first else ChannelDimension.LAST
+
+
+def _as_uint8(array: np.ndarray) -> np.ndarray:
+    """Pixel values -> uint8 by dtype (see `checked_image`); floats scale as transformers' own PIL conversion does."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16 of either byte order (PIL "I;16B")
+        array = array / 65535.0
+    elif np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(
+                f"An integer image of dtype {array.dtype} holds values in [{array.min()}, {array.max()}], outside the "
+                "8-bit range [0, 255]; pass 16-bit images as uint16 (scaled by 1/65535) or rescale to uint8 yourself."
+            )
+        return array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"Images of dtype {array.dtype} are not supported; pass uint8, uint16 or floats in [0, 1].")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("The image holds NaN or inf values; clean the camera frame before predicting.")
+    if array.min() < 0.0 or array.max() > 1.0:
+        raise ValueError(
+            f"A floating-point image holds values in [{array.min():.4g}, {array.max():.4g}], but float images must lie "
+            "in [0, 1]; divide 0-255 images by 255 (or pass them as uint8). Already-normalised pixel_values go to the "
+            "model directly, not through the image processor."
+        )
+    return rescale(array, 255).astype(np.uint8)
+
+
 class OpenVLAImagesKwargs(ImagesKwargs, total=False):
     """
     fused_image_mean (`list[float]`, *optional*):
@@ -389,9 +650,11 @@ class OpenVLAImagesKwargs(ImagesKwargs, total=False):
 class OpenVLAImageProcessor(PilBackend):
     """Resizes images to `image_size` x `image_size` (bicubic, antialiased), rescales and normalises them.
 
-    Accepts PIL images, numpy `[H, W, C]` / `[C, H, W]` arrays and torch `[C, H, W]` tensors, one or a list. Integer
-    images are rescaled by 1/255; floating-point images are taken to be in [0, 1] already. With `fused_image_mean`
-    and `fused_image_std`, the image is normalised twice and the results stacked as 6 channels (DINOv2 + SigLIP).
+    Accepts PIL images, numpy `[H, W, C]` / `[C, H, W]` / `[H, W]` arrays, torch tensors and image file paths, one, a
+    list or a 4-D batch. Pixel values are read by type (`checked_image`): 8-bit images as 0-255, 16-bit images (PIL
+    `"I;16"`, uint16) as 0-65535, floating-point images as [0, 1]; anything ambiguous or out of range raises a
+    `ValueError`, so every output pixel is finite and within the normalisation of [0, 1]. With `fused_image_mean` and
+    `fused_image_std`, the image is normalised twice and the results stacked as 6 channels (DINOv2 + SigLIP).
 
     Loads official OpenVLA `preprocessor_config.json` files too (`PrismaticImageProcessor`: their `tvf_*` resize,
     crop and normalisation parameters are translated; the bf16-rounded normalisation constants of the published files
@@ -429,6 +692,15 @@ class OpenVLAImageProcessor(PilBackend):
     @property
     def image_size(self) -> int:
         return self.size["height"]
+
+    def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list:
+        """A flat list of single images (`as_image_list`); paths are opened one at a time in `process_image`."""
+        return as_image_list(images)
+
+    def process_image(self, image: Any, input_data_format: ChannelDimension | str | None = None, **kwargs) -> np.ndarray:
+        """One image -> channels-first array, after `checked_image` has fixed its pixel range and channel axis."""
+        image, input_data_format = checked_image(image, input_data_format)
+        return super().process_image(image, input_data_format=input_data_format, **kwargs)
 
     def _preprocess(
         self,
@@ -546,6 +818,33 @@ def _official_image_processor_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def check_saved_folder(path: str | os.PathLike, needs: Mapping[str, Sequence[str]], subfolder: str | None = None) -> None:
+    """Refuse an incomplete saved folder before transformers looks for its files, naming what is missing.
+
+    `needs` maps each required file (as named in the error) to the file names of which one must be present, e.g.
+    `{"tokenizer.json": ("tokenizer.json", "tokenizer.model")}`; a name starting with "." is a suffix (".safetensors"). A path that cannot be a Hub id (absolute, starting
+    with `.` or `~`, or with more than one `/`) must be an existing folder; Hub ids pass unchecked.
+    """
+    folder = os.path.expanduser(os.fspath(path))
+    folder = os.path.join(folder, subfolder) if subfolder else folder
+    if not os.path.isdir(folder):
+        if os.path.isabs(folder) or folder.startswith(".") or folder.count("/") > 1:
+            raise ValueError(f"There is no folder {folder!r}; check the path (a Hub id has the form 'owner/name').")
+        return
+    names = os.listdir(folder)
+    missing = [
+        label
+        for label, accepted in needs.items()
+        if not any(name == wanted or (wanted.startswith(".") and name.endswith(wanted)) for name in names for wanted in accepted)
+    ]
+    if missing:
+        raise ValueError(
+            f"The folder {folder!r} has no {' and no '.join(missing)}, so it is not a complete saved model folder; load "
+            "the folder that save_pretrained or scripts/finetune.py wrote (a run stopped while saving leaves no "
+            "config.json), or copy the missing files from the model it came from."
+        )
+
+
 def _as_list(values: Any) -> list:
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
@@ -586,7 +885,11 @@ class OpenVLAProcessor(ProcessorMixin):
         prompt_suffix_token_id: token appended to a prompt that does not already end with it (official OpenVLA
             appends Llama-2's empty token).
         max_text_len: longest prompt in tokens; longer prompts raise an error.
-        norm_stats: per-dataset action statistics (official layout) used to normalise raw training actions.
+        norm_stats: per-dataset action statistics (official layout) used to normalise raw training actions; checked
+            with `check_norm_stats`.
+        action_chunk_size: actions per sample the model predicts (`OpenVLAConfig.action_chunk_size`); when set,
+            training actions of another chunk length raise an error here rather than in the model's forward. `None`
+            (a processor built without a model config) accepts any.
     """
 
     def __init__(
@@ -605,6 +908,7 @@ class OpenVLAProcessor(ProcessorMixin):
         prompt_suffix_token_id: int | None = None,
         max_text_len: int = 64,
         norm_stats: dict | None = None,
+        action_chunk_size: int | None = None,
         **kwargs,
     ):
         if tokenizer is None or image_processor is None:
@@ -627,6 +931,8 @@ class OpenVLAProcessor(ProcessorMixin):
         self.prompt_suffix_token_id = prompt_suffix_token_id
         self.max_text_len = max_text_len
         self.norm_stats = dict(norm_stats or {})
+        check_norm_stats(self.norm_stats)
+        self.action_chunk_size = action_chunk_size
         super().__init__(image_processor, tokenizer, **kwargs)
         self._check_action_tokens()
 
@@ -655,6 +961,7 @@ class OpenVLAProcessor(ProcessorMixin):
             "prompt_suffix_token_id": suffix_id,
             "max_text_len": config.max_text_len,
             "norm_stats": config.norm_stats,
+            "action_chunk_size": config.action_chunk_size,
         }
         return cls(image_processor=image_processor, tokenizer=tokenizer, **{**options, **overrides})
 
@@ -670,6 +977,11 @@ class OpenVLAProcessor(ProcessorMixin):
         others (`revision`, `token`, `cache_dir`, ...) go to the file lookup.
         """
         options = {name: kwargs.pop(name) for name in list(kwargs) if name in cls._init_option_names()}
+        check_saved_folder(
+            pretrained_model_name_or_path,
+            {"processor_config.json": PROCESSOR_FILES, "tokenizer.json": ("tokenizer.json", "tokenizer.model")},
+            kwargs.get("subfolder"),
+        )
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **dict(kwargs))
         image_processor = OpenVLAImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         if "num_action_bins" not in processor_dict:
@@ -719,6 +1031,10 @@ class OpenVLAProcessor(ProcessorMixin):
 
     def prompt_token_ids(self, instruction: str) -> list[int]:
         """`[BOS, prompt tokens...(, suffix)]` for one instruction."""
+        if not isinstance(instruction, str):
+            raise ValueError(
+                f"instruction={instruction!r} is not a string; pass one text instruction (str) per image."
+            )
         token_ids = self.tokenizer(self.prompt_template.format(instruction=instruction), add_special_tokens=True)["input_ids"]
         if not token_ids or token_ids[0] != self.tokenizer.bos_token_id:
             token_ids = [self.tokenizer.bos_token_id, *token_ids]
@@ -733,7 +1049,7 @@ class OpenVLAProcessor(ProcessorMixin):
 
     def action_token_ids(self, actions: ArrayLike, dataset_name: str | None = None) -> np.ndarray:
         """Raw actions `[..., action_dim]` -> token ids `[..., action_dim]`, after checking shape and values."""
-        values = _to_numpy(actions).astype(np.float64)
+        values = action_array(actions)
         if values.shape[-1:] != (self.action_dim,):
             raise ValueError(
                 f"Each action must have action_dim={self.action_dim} values, got an array of shape {values.shape}."
@@ -752,6 +1068,12 @@ class OpenVLAProcessor(ProcessorMixin):
         row = {"input_ids": input_ids}
         if actions is not None:
             action_ids = self.action_token_ids(actions, dataset_name).reshape(-1).tolist()
+            if self.action_chunk_size is not None and len(action_ids) != self.action_chunk_size * self.action_dim:
+                raise ValueError(
+                    f"Each sample needs action_chunk_size={self.action_chunk_size} action(s) of action_dim="
+                    f"{self.action_dim} values, got actions of shape {np.shape(actions)}; pass [action_dim] actions "
+                    "(or [action_chunk_size, action_dim] chunks for a model with action chunks)."
+                )
             row["labels"] = [IGNORE_INDEX] * len(input_ids) + action_ids
             row["input_ids"] = input_ids + action_ids
         row["attention_mask"] = [1] * len(row["input_ids"])
@@ -796,7 +1118,7 @@ class OpenVLAProcessor(ProcessorMixin):
         """
         if images is None or text is None:
             raise ValueError("OpenVLAProcessor needs both images and text (the instructions).")
-        image_list, instructions = _as_list(images), _as_list(text)
+        image_list, instructions = as_image_list(images), _as_list(text)
         if len(image_list) != len(instructions):
             raise ValueError(
                 f"Got {len(image_list)} images and {len(instructions)} instructions; pass one instruction per image."
@@ -806,7 +1128,7 @@ class OpenVLAProcessor(ProcessorMixin):
             raise ValueError(f"Got {len(names)} dataset names for {len(instructions)} samples.")
         action_rows: list = [None] * len(instructions)
         if actions is not None:
-            values = _to_numpy(actions).astype(np.float64)
+            values = action_array(actions)
             if values.ndim == 1 or (values.ndim == 2 and len(instructions) == 1 and values.shape[0] != 1):
                 values = values[None]
             if values.shape[0] != len(instructions):

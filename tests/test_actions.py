@@ -126,11 +126,18 @@ def test_action_tokenizer_maps_bins_to_the_last_ids_highest_first():
 
 def test_action_tokenizer_uses_statistics():
     stats = {"robot": compute_action_stats(np.linspace([0.0, 10.0], [1.0, 30.0], 101))}
+    q01, q99 = np.array([0.01, 10.2]), np.array([0.99, 29.8])  # 1% / 99% quantiles of the two ramps, by hand
+    np.testing.assert_allclose(stats["robot"]["action"]["q01"], q01, rtol=1e-6)
+    np.testing.assert_allclose(stats["robot"]["action"]["q99"], q99, rtol=1e-6)
     tokenizer = ActionTokenizer(num_action_bins=256, action_token_end=1024, norm_stats=stats)
-    raw = np.array([[0.5, 20.0]])
-    decoded = tokenizer.decode(tokenizer.encode(raw, "robot"), "robot")
-    span = np.array(stats["robot"]["action"]["q99"]) - np.array(stats["robot"]["action"]["q01"])
-    assert np.all(np.abs(decoded - raw) <= span / 255 + 1e-5)
+    # 0.255 and 24.9 sit a quarter and three quarters up their q01..q99 ranges: normalised -0.5 and 0.5, bins
+    # floor(0.25 * 255) = 63 and floor(0.75 * 255) = 191; the bounds themselves map to bins 0 and 255.
+    raw = np.array([[0.255, 24.9], [0.01, 29.8]])
+    bins = np.array([[63, 191], [0, 255]])
+    token_ids = tokenizer.encode(raw, "robot")
+    np.testing.assert_array_equal(token_ids, 1023 - bins)
+    expected = q01 + (2.0 * bins / 255.0) / 2.0 * (q99 - q01)  # bin b -> a = -1 + 2b / 255 -> q01 + (a + 1) / 2 * span
+    np.testing.assert_allclose(tokenizer.decode(token_ids, "robot"), expected, rtol=1e-6)
     with pytest.warns(UserWarning, match="no statistics"):
         ActionTokenizer(action_token_end=1024).encode(np.array([0.0, 2.0]))
 

@@ -1,7 +1,6 @@
 """Sanity checks for the official-format fixture builder and the reference pipeline (tests/official_fixtures.py)."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -23,10 +22,8 @@ def fused_ckpt(tmp_path_factory):
     return make_official_checkpoint(path, fused=True, seed=0)
 
 
-def test_build_is_fast_and_deterministic(tmp_path):
-    t0 = time.time()
+def test_build_is_deterministic(tmp_path):
     info_a = make_official_checkpoint(tmp_path / "a", seed=3)
-    assert time.time() - t0 < 2.0
     info_b = make_official_checkpoint(tmp_path / "b", seed=3)
     sd_a, sd_b = load_official_state_dict(info_a["path"]), load_official_state_dict(info_b["path"])
     assert sd_a.keys() == sd_b.keys()
