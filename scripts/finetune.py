@@ -1,18 +1,24 @@
 """Fine-tune (or train from scratch) OpenVLA on robot demonstrations with the `Trainer`, optionally with LoRA.
 
-With no arguments it trains a model from scratch (the small reference config with the overrides of
-`FROM_SCRATCH_RECIPE`) on the built-in tabletop demonstrations, after a short self-supervised pretraining of its vision
-backbone (`openvla_tools.vision_pretraining`), evaluates it in closed loop on held-out episodes and writes a Hub-ready folder to
-`outputs/finetune`:
+The first argument may be a recipe: a YAML or JSON file of these arguments (`configs/recipes/*.yaml`); flags after it
+override its values. With no arguments at all it runs the main job, `configs/recipes/tabletop.yaml`: a small model
+trained from scratch on the built-in tabletop demonstrations, after a short self-supervised pretraining of its vision
+backbone (`openvla_tools.vision_pretraining`), evaluated in closed loop on held-out episodes, written as a Hub-ready
+folder to `outputs/finetune`. Without a recipe the defaults are those of official OpenVLA fine-tuning (learning rate
+5e-4, batch 16, constant schedule, image augmentation, LoRA rank 32 when `--use_lora`):
 
     python scripts/finetune.py
-    python scripts/finetune.py --model_name_or_path outputs/finetune --use_lora --output_dir outputs/lora
+    python scripts/finetune.py configs/recipes/metaworld.yaml --max_steps 2000
+    python scripts/finetune.py --model_name_or_path outputs/finetune --use_lora --dataset_name my_demos --output_dir outputs/lora
     accelerate launch --num_processes 2 scripts/finetune.py --dataset_name my_demos --max_steps 2000
     python scripts/finetune.py --help
 
 A dataset is any `datasets` dataset with an image, an instruction and an action column (`--dataset_name`: a Hub name,
-a `save_to_disk` folder, parquet files or an imagefolder). Action statistics are computed per dataset (see
-`--dataset_name_column`) on the training split and stored in the model's `norm_stats`.
+a `save_to_disk` folder, parquet files or an imagefolder), or a LeRobot dataset (v3.0 or v2.1; a folder or a Hub id,
+`openvla_tools.lerobot_format`; `--image_key`, `--action_key`, `--episodes`). Several datasets train together with
+`--dataset_name a,b` (sampled in proportion to their size, or by `--dataset_weights`). Action statistics are computed
+per dataset (see `--dataset_name_column`; the dataset's name for each of a mix) on the training split and stored in
+the model's `norm_stats`.
 
 Output: `output_dir/` holds the merged model (LoRA folded in), processor, tokenizer, remote code and a model card;
 `output_dir/adapter/` the PEFT adapter (with `--use_lora`); `output_dir/checkpoints/checkpoint-N/` the Trainer's
@@ -24,15 +30,19 @@ import hashlib
 import io
 import json
 import logging
+import re
+import shutil
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
+import yaml
 from accelerate.utils import gather_object
 from PIL import Image, ImageEnhance
 from transformers import (
@@ -41,15 +51,18 @@ from transformers import (
     AutoTokenizer,
     EvalPrediction,
     HfArgumentParser,
+    SchedulerType,
     Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction
 from openvla_tools.envs.tabletop import TASK_KINDS, check_task_kinds, evaluate_model, generate_demonstrations
+from openvla_tools.lerobot_format import load_lerobot_dataset, parse_episodes, resolve_lerobot_dataset
 from openvla_tools.model_card import push_folder, write_model_card
 from openvla_tools.vision_pretraining import PatchColourTarget, pretrain_vision
 from processing_openvla import (
@@ -64,15 +77,10 @@ from processing_openvla import (
 logger = logging.getLogger("finetune")
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN_DATASET = "tabletop"
-# Default --config_overrides: a narrow, shallow model whose layers start at unit gain (`weight_init="fan_in"`), a
-# convolutional stem that sees pixel coordinates, parallel decoding, and a prefix whose image patches also see the
-# instruction. README, main job: what each part changes.
-FROM_SCRATCH_RECIPE = (
-    "vision_dim=128,vision_num_layers=2,hidden_dim=128,num_layers=2,patch_size=16,vision_stem=coordconv,"
-    "weight_init=fan_in,action_decoding=parallel,prefix_attention=bidirectional"
-)
-# Steps of `vision_pretraining.pretrain_vision` before VLA training from scratch (README, main job).
-DEFAULT_VISION_PRETRAINING_STEPS = 250
+RECIPES = REPO / "configs" / "recipes"
+# What `python scripts/finetune.py` with no arguments runs (README, main job).
+MAIN_JOB_RECIPE = RECIPES / "tabletop.yaml"
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass
@@ -84,10 +92,9 @@ class ModelArguments:
         default=False, metadata={"help": "Train a new model from the reference small config (see --config_overrides)."}
     )
     config_overrides: str | None = field(
-        default=FROM_SCRATCH_RECIPE,
+        default=None,
         metadata={"help": "Comma-separated options over the reference small config for --from_scratch, e.g. "
-                          "'hidden_dim=128,num_layers=2,rope=true'. The default is the recipe that learns the built-in "
-                          "tabletop task in minutes on a CPU (README, main job); pass '' for the plain small config."},
+                          "'hidden_dim=128,num_layers=2,rope=true' (configs/recipes/tabletop.yaml holds the main job's)."},
     )
     tokenizer_name_or_path: str = field(
         default=str(REPO / "assets" / "tokenizer"), metadata={"help": "Tokenizer for --from_scratch (default: the shipped one)."}
@@ -99,8 +106,8 @@ class ModelArguments:
         default=None, metadata={"help": "Actions per prediction in parallel decoding; labels are the next K actions of the episode."}
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights."})
-    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank r (official OpenVLA fine-tuning: 32)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha, scaling = alpha / r (official: min(r, 16))."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: str = field(
         default="all-linear", metadata={"help": "'all-linear' or comma-separated module names (q_proj,v_proj,...)."}
@@ -109,12 +116,12 @@ class ModelArguments:
         default="projector", metadata={"help": "Comma-separated modules trained fully next to LoRA ('' for none)."}
     )
     freeze_vision_backbone: bool = field(default=False, metadata={"help": "Keep the vision backbone's weights fixed."})
-    vision_pretraining_steps: int | None = field(
-        default=None,
-        metadata={"help": "From scratch: steps of self-supervised vision pretraining before VLA training (the vision "
-                          "backbone and projector learn each patch's colour content and position, "
-                          "openvla_tools.vision_pretraining), after which both stay fixed; 0 to skip. Default: "
-                          f"{DEFAULT_VISION_PRETRAINING_STEPS} from scratch, 0 (the only choice) for a loaded model."},
+    vision_pretraining_steps: int = field(
+        default=0,
+        metadata={"help": "From scratch only: steps of self-supervised vision pretraining before VLA training (the "
+                          "vision backbone and projector learn each patch's colour content and position, "
+                          "openvla_tools.vision_pretraining), after which both stay fixed. Built for the tabletop's "
+                          "coloured objects; its recipe uses 250."},
     )
 
     @property
@@ -123,10 +130,8 @@ class ModelArguments:
         return not self.model_name_or_path or self.from_scratch
 
     def resolved_vision_pretraining_steps(self) -> int:
-        """`vision_pretraining_steps`, defaulted and checked to apply only to a model trained from scratch."""
+        """`vision_pretraining_steps`, checked to apply only to a model trained from scratch."""
         steps = self.vision_pretraining_steps
-        if steps is None:
-            return DEFAULT_VISION_PRETRAINING_STEPS if self.trains_from_scratch else 0
         if steps < 0:
             raise ValueError(f"--vision_pretraining_steps must be >= 0, got {steps}.")
         if steps and not self.trains_from_scratch:
@@ -141,8 +146,18 @@ class ModelArguments:
 class DataArguments:
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub name or local path (save_to_disk folder, parquet file/folder, imagefolder). Default: built-in tabletop demos."},
+        metadata={"help": "Hub name or local path (save_to_disk folder, parquet file/folder, imagefolder, LeRobot v3.0/v2.1 folder or "
+                          "Hub id); several, comma-separated, train together. Default: built-in tabletop demos."},
     )
+    dataset_weights: str | None = field(
+        default=None, metadata={"help": "Comma-separated sampling weights of the --dataset_name datasets (default: their sizes)."}
+    )
+    image_key: str | None = field(
+        default=None,
+        metadata={"help": "LeRobot camera, e.g. observation.images.top (default: the dataset's only camera); one per dataset of a mix, comma-separated."},
+    )
+    action_key: str = field(default="action", metadata={"help": "LeRobot action feature."})
+    episodes: str | None = field(default=None, metadata={"help": "LeRobot episodes to use, e.g. '0-99,120' (default: all)."})
     image_column: str = field(default="image", metadata={"help": "Column with the camera images."})
     instruction_column: str = field(default="instruction", metadata={"help": "Column with the language instructions."})
     action_column: str = field(default="action", metadata={"help": "Column with the actions (lists of floats)."})
@@ -152,7 +167,8 @@ class DataArguments:
     episode_column: str = field(default="episode", metadata={"help": "Episode id column (for chunk labels and the split)."})
     eval_split_ratio: float = field(default=0.05, metadata={"help": "Share of episodes (or rows) held out for evaluation."})
     image_augmentation: bool = field(
-        default=False, metadata={"help": "Random resized crop (scale 0.9-1) and colour jitter on training images."}
+        default=True, metadata={"help": "Random resized crop (scale 0.9-1) and colour jitter on training images (as "
+                                        "official OpenVLA fine-tuning); `--image_augmentation false` to turn off."}
     )
     num_demo_episodes: int = field(default=4000, metadata={"help": "Episodes of built-in tabletop demonstrations."})
     demo_tasks: str = field(
@@ -168,12 +184,10 @@ class DataArguments:
 class FinetuneTrainingArguments(TrainingArguments):
     output_dir: str = field(default=str(REPO / "outputs" / "finetune"), metadata={"help": "Where the final model goes."})
     max_steps: int = field(default=2500, metadata={"help": "Optimisation steps."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Eval batch size per process."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
-    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule ('cosine', 'linear', ...)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     logging_steps: int = field(default=25, metadata={"help": "Log every N steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "'steps', 'epoch' or 'no'."})
@@ -227,6 +241,97 @@ def load_raw_dataset(name: str | None, num_demo_episodes: int, seed: int, task_k
     return loaded
 
 
+MIX_COLUMNS = ("image", "instruction", "action", "episode", "step", "dataset_name")
+_MIX_ARGUMENTS = {"image_column": "image", "instruction_column": "instruction", "action_column": "action", "episode_column": "episode"}
+
+
+def load_training_data(data_args: DataArguments, seed: int, task_kinds: Sequence[str] = TASK_KINDS) -> tuple[datasets.Dataset, DataArguments]:
+    """The rows to train on and the data arguments that describe their columns.
+
+    One plain dataset (or none: the built-in demos) comes as `load_raw_dataset` reads it. A LeRobot dataset and a mix
+    of several datasets come as the demonstrations' columns (`MIX_COLUMNS`), each row named by its dataset (the
+    `unnorm_key`) and the episodes of a mix numbered apart.
+    """
+    names = [part.strip() for part in (data_args.dataset_name or "").split(",") if part.strip()]
+    episodes = parse_episodes(data_args.episodes)
+    image_keys = [key.strip() or None for key in (data_args.image_key or "").split(",")]
+    if len(image_keys) not in (1, len(names)):
+        raise ValueError(
+            f"--image_key {data_args.image_key!r} names {len(image_keys)} cameras for the {len(names)} datasets {names}; give one "
+            "camera for all, or one per dataset (empty for a dataset's only camera)."
+        )
+    image_keys = image_keys * len(names) if len(image_keys) == 1 else image_keys
+    roots = [resolve_lerobot_dataset(name, key) for name, key in zip(names, image_keys)]
+    if not any(root is not None for root in roots) and (data_args.image_key or episodes is not None):
+        raise ValueError("--image_key and --episodes select from LeRobot datasets; for other datasets use --image_column and filter the rows.")
+    if len(names) == 1 and roots[0] is not None:
+        return _read_lerobot(names[0], roots[0], image_keys[0], data_args, episodes), replace(data_args, **_MIX_ARGUMENTS, dataset_name_column=None)
+    if len(names) <= 1:
+        return load_raw_dataset(data_args.dataset_name, data_args.num_demo_episodes, seed, task_kinds), data_args
+    short_names = [_short_name(name) for name in names]
+    if len(set(short_names)) != len(names):
+        raise ValueError(f"The datasets {names} share a name ({short_names}); their statistics are kept by name, so rename a folder.")
+    parts, next_episode = [], 0
+    for name, short, root, image_key in zip(names, short_names, roots, image_keys):
+        rows = _read_lerobot(name, root, image_key, data_args, episodes) if root is not None else _as_mix_part(load_raw_dataset(name, 0, seed), short, data_args)
+        rows = rows.cast(datasets.Features({**rows.features, "action": datasets.List(datasets.Value("float32")), "episode": datasets.Value("int64"), "step": datasets.Value("int64")}))
+        parts.append(rows.map(lambda batch, offset=next_episode: {"episode": [e + offset for e in batch["episode"]]}, batched=True))
+        next_episode += max(rows["episode"]) + 1 if len(rows) else 0
+    return datasets.concatenate_datasets(parts), replace(data_args, **_MIX_ARGUMENTS, dataset_name_column="dataset_name")
+
+
+def _short_name(name: str) -> str:
+    return Path(name.rstrip("/")).name
+
+
+def _read_lerobot(name: str, root: Path, image_key: str | None, data_args: DataArguments, episodes: list[int] | None) -> datasets.Dataset:
+    return load_lerobot_dataset(root, image_key, data_args.action_key, episodes, dataset_name=_short_name(name))
+
+
+def _as_mix_part(rows: datasets.Dataset, name: str, data_args: DataArguments) -> datasets.Dataset:
+    """A plain dataset's rows as the demonstrations' columns (row order gives the steps; no episodes: one per row)."""
+    source = [data_args.image_column, data_args.instruction_column, data_args.action_column]
+    missing = [column for column in source if column not in rows.column_names]
+    if missing:
+        raise ValueError(f"Dataset {name!r} has no column(s) {missing}; its columns are {rows.column_names}. Set --*_column.")
+    has_episodes = data_args.episode_column in rows.column_names
+    has_names = data_args.dataset_name_column is not None and data_args.dataset_name_column in rows.column_names
+    part = rows.select_columns(source + [data_args.episode_column] * has_episodes + [data_args.dataset_name_column] * has_names)
+    part = part.rename_columns(dict(zip(source, MIX_COLUMNS[:3])) | ({data_args.episode_column: "episode"} if has_episodes else {}))
+    if has_names:
+        part = part.rename_column(data_args.dataset_name_column, "dataset_name")
+    else:
+        part = part.add_column("dataset_name", [name] * len(part))
+    if not has_episodes:
+        part = part.add_column("episode", list(range(len(part))))
+    part = part.add_column("step", [int(s) for s in rows["step"]] if "step" in rows.column_names else list(range(len(part))))
+    return part.cast_column("image", datasets.Image()).select_columns(list(MIX_COLUMNS))
+
+
+def mixture_rows(names: list[str], weights: str | None, seed: int) -> np.ndarray:
+    """Indices of the training rows to sample: all of them once, or, with `weights` (one per dataset, in the order
+    of `--dataset_name`, which is the order of `names`' first appearances), each dataset's share of the same total in
+    proportion to its weight (every row of a dataset before any of its rows repeats)."""
+    order = list(dict.fromkeys(names))
+    if weights is None:
+        return np.arange(len(names))
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError as error:
+        raise ValueError(f"--dataset_weights {weights!r} must be comma-separated numbers, one per dataset.") from error
+    if len(values) != len(order) or min(values) <= 0:
+        raise ValueError(f"--dataset_weights {weights!r} needs {len(order)} positive numbers, one for each of {order}.")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(names)
+    picked = []
+    for name, weight in zip(order, values):
+        rows = np.flatnonzero(labels == name)
+        count = int(round(len(names) * weight / sum(values)))
+        repeats = [rng.permutation(rows) for _ in range(-(-count // len(rows)))]
+        picked.append(np.concatenate(repeats)[:count])
+    return rng.permutation(np.concatenate(picked))
+
+
 def _as_image(value: Any, row: int, column: str) -> Image.Image:
     if isinstance(value, Image.Image):
         return value.convert("RGB")
@@ -249,9 +354,19 @@ def validate_dataset(dataset: datasets.Dataset, args: DataArguments) -> np.ndarr
     if missing:
         raise ValueError(f"The dataset has no column(s) {missing}; its columns are {dataset.column_names}. Set --*_column.")
     actions = dataset[args.action_column]
-    lengths = {len(action) if hasattr(action, "__len__") else 1 for action in actions}
+    for row, action in enumerate(actions):
+        if isinstance(action, (str, bytes)) or np.ndim(action) != 1 or not all(isinstance(value, (int, float, np.number)) for value in action):
+            raise ValueError(
+                f"Row {row} of column {args.action_column!r} holds {action!r:.80}, not a list of numbers; each row's "
+                "action must be [action_dim] floats (parse strings first; chunks come from --action_chunk_size)."
+            )
+    lengths = {len(action) for action in actions}
     if len(lengths) != 1:
         raise ValueError(f"Actions have different lengths {sorted(lengths)}; every action must have the same dimension.")
+    instructions = dataset[args.instruction_column]
+    bad_text = next((row for row, text in enumerate(instructions) if not isinstance(text, str)), None)
+    if bad_text is not None:
+        raise ValueError(f"Row {bad_text} of column {args.instruction_column!r} holds {instructions[bad_text]!r}, not a text instruction.")
     actions = np.asarray(actions, dtype=np.float64)
     bad = np.argwhere(~np.isfinite(actions))
     if len(bad):
@@ -503,9 +618,35 @@ def plot_curves(log_history: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_arguments(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, FinetuneTrainingArguments]:
+    """The three argument groups from `argv` (default: the command line). A first argument ending in .yaml, .yml or
+    .json is a recipe whose values replace the defaults, so the flags that follow it override it; no arguments at all
+    mean the main job's recipe. An unknown name in a recipe is an error that names it."""
     parser = HfArgumentParser((ModelArguments, DataArguments, FinetuneTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = MAIN_JOB_RECIPE if not argv else None
+    if argv and argv[0].endswith(RECIPE_SUFFIXES):
+        recipe = Path(argv.pop(0))
+    if recipe is not None:
+        parser.set_defaults(**read_recipe(recipe, {action.dest for action in parser._actions}))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_recipe(path: Path, known: set[str]) -> dict[str, Any]:
+    """A recipe file's arguments (YAML, or JSON for a .json file), checked against the program's argument names."""
+    if not path.is_file():
+        raise ValueError(f"Recipe {str(path)!r} does not exist; the shipped recipes are {sorted(p.name for p in RECIPES.glob('*.yaml'))} in {RECIPES}.")
+    values = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"Recipe {str(path)!r} must hold a mapping of argument names to values, got {type(values).__name__}.")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Recipe {str(path)!r} sets unknown arguments {unknown}; see `python scripts/finetune.py --help`.")
+    return values
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     set_seed(training_args.seed)
     started = time.time()
@@ -519,10 +660,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     training_args.push_to_hub = False
 
     task_kinds = check_task_kinds(data_args.demo_tasks.split(","))
-    raw = load_raw_dataset(data_args.dataset_name, data_args.num_demo_episodes, training_args.seed, task_kinds)
+    raw, data_args = load_training_data(data_args, training_args.seed, task_kinds)
     actions = validate_dataset(raw, data_args)
     default_name = BUILTIN_DATASET if data_args.dataset_name is None else Path(data_args.dataset_name).name
     train_raw, eval_raw = split_dataset(raw, data_args, training_args.seed)
+    if len(train_raw) == 0:
+        raise ValueError(
+            f"--eval_split_ratio {data_args.eval_split_ratio} holds out all {len(raw)} rows; lower it (or 0 to train "
+            "on everything)."
+        )
     model, processor = build_model_and_processor(model_args, actions.shape[1])
     if model.config.action_dim != actions.shape[1]:
         raise ValueError(f"The actions have {actions.shape[1]} dimensions but the model predicts action_dim={model.config.action_dim}.")
@@ -538,7 +684,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     chunk_size = model.config.action_chunk_size
     augment_seed = training_args.seed if data_args.image_augmentation else None
-    train_dataset = ProcessedDemonstrations(train_raw, action_labels(train_raw, data_args, chunk_size), train_names, processor, data_args, augment_seed)
+    rows = mixture_rows(train_names, data_args.dataset_weights, training_args.seed)
+    train_labels = action_labels(train_raw, data_args, chunk_size)[rows]
+    train_dataset = ProcessedDemonstrations(train_raw.select(rows), train_labels, [train_names[i] for i in rows], processor, data_args, augment_seed)
     eval_dataset = eval_names = None
     if eval_raw is not None and len(eval_raw):
         eval_names = dataset_names(eval_raw, data_args, default_name)
@@ -552,7 +700,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     logger.info("Trainable parameters: %s of %s (%.2f%%).", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    trainer = Trainer(
+    trainer = AtomicCheckpointTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -563,7 +711,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preprocess_logits_for_metrics=make_predicted_bins(model.config),
         callbacks=[EpochCallback(train_dataset)],
     )
-    train_result = trainer.train(resume_from_checkpoint=_resume_argument(training_args.resume_from_checkpoint))
+    resume = resume_checkpoint(training_args.resume_from_checkpoint, Path(training_args.output_dir))
+    train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = {"train_loss": train_result.training_loss, "train_steps": trainer.state.global_step, "vision_pretraining_steps": pretraining_steps}
     if pretraining_error is not None:
         metrics["vision_pretraining_error"] = pretraining_error
@@ -595,7 +744,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2))
         write_model_card(
             output_dir, merged.config, metrics=metrics, base_model=model_args.model_name_or_path,
-            datasets=[data_args.dataset_name] if data_args.dataset_name else [], training=_training_summary(model_args, data_args, training_args),
+            datasets=data_args.dataset_name.split(",") if data_args.dataset_name else [], training=_training_summary(model_args, data_args, training_args),
+            repo_id=hub_model_id if push_to_hub else None,
         )
         if push_to_hub:
             push_folder(output_dir, hub_model_id, token=training_args.hub_token, private=bool(training_args.hub_private_repo))
@@ -610,14 +760,114 @@ def _resume_argument(value: str | None) -> str | bool | None:
     return True if value in ("True", "true") else value
 
 
+# Where checkpoints and the final folder are written before they are renamed into place; no `checkpoint-N` pattern,
+# so neither the Trainer nor `resume_checkpoint` takes it for a checkpoint.
+STAGING_FOLDER = ".saving"
+# A checkpoint holds one of these weight files, and `trainer_state.json`, which the Trainer writes last.
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
 def save_outputs(model, processor: OpenVLAProcessor, output_dir: Path, model_args: ModelArguments) -> OpenVLAForActionPrediction:
-    """Write the adapter (LoRA runs) to `output_dir/adapter`, then the merged model, processor and remote code."""
+    """Write the adapter (LoRA runs) to `output_dir/adapter`, then the merged model, processor and remote code: all of
+    it first to `output_dir/.saving`, then moved in by `publish_folder`."""
+    staging = output_dir / STAGING_FOLDER
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     if model_args.use_lora:
-        model.save_pretrained(output_dir / "adapter")
+        model.save_pretrained(staging / "adapter")
         model = model.merge_and_unload()
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    publish_folder(staging, output_dir)
     return model.eval()
+
+
+def publish_folder(staging: Path, output_dir: Path) -> None:
+    """Move a fully written model folder from `staging` into `output_dir`, replacing the model there.
+
+    The previous model's `config.json` and weights go first and the new `config.json` comes last (each move a
+    rename), so a run killed in between leaves a folder without `config.json`, which nothing loads as a model, and
+    never one that looks complete but mixes two models. Other files in `output_dir` (`checkpoints/`, ...) stay.
+    """
+    (output_dir / "config.json").unlink(missing_ok=True)
+    for weights in [*output_dir.glob("*.safetensors"), *output_dir.glob("*.safetensors.index.json")]:
+        weights.unlink()
+    for entry in sorted(staging.iterdir(), key=lambda path: path.name == "config.json"):
+        target = output_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        entry.replace(target)
+    staging.rmdir()
+
+
+class AtomicCheckpointTrainer(Trainer):
+    """A `Trainer` whose `checkpoint-N` folders appear only when complete.
+
+    The Trainer writes a checkpoint straight into `checkpoint-N`, so a run killed while saving leaves a folder that
+    looks like a checkpoint but lacks files. Here each checkpoint is written to `<checkpoints>/.saving/checkpoint-N`
+    by the Trainer's own code, then renamed to `<checkpoints>/checkpoint-N` once every process has written its part.
+    """
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))
+        staging = run_dir / STAGING_FOLDER
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # the Trainer builds the checkpoint path from this
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+            (staging / name).rename(run_dir / name)
+            staging.rmdir()
+            rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint (`None` when it is)."""
+    if not folder.is_dir():
+        return "no such folder"
+    if not (folder / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    if not any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS):
+        return f"none of {list(CHECKPOINT_WEIGHTS)}"
+    return None
+
+
+def resume_checkpoint(value: str | None, checkpoints: Path) -> str | None:
+    """`--resume_from_checkpoint` as the checkpoint folder to resume from, or `None` to start afresh.
+
+    `True` is the newest complete `checkpoint-N` under `checkpoints`; newer incomplete ones (written by a run killed
+    while saving) are skipped with a warning naming each. A folder given by path must be complete.
+    """
+    resume = _resume_argument(value)
+    if resume is None:
+        return None
+    if resume is not True:
+        problem = checkpoint_problem(Path(resume))
+        if problem:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume} is not a complete checkpoint ({problem}); pass another "
+                "checkpoint-N folder, or True for the newest complete one."
+            )
+        return resume
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = [(int(match.group(1)), path) for path in checkpoints.glob("*") if path.is_dir() and (match := pattern.match(path.name))]
+    for _, folder in sorted(found, reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            logger.info("Resuming from %s.", folder)
+            return str(folder)
+        logger.warning("Skipping the incomplete checkpoint %s (%s): its run stopped while writing it.", folder, problem)
+    raise ValueError(
+        f"--resume_from_checkpoint True found no complete checkpoint in {checkpoints}; start without it, or pass a "
+        "checkpoint folder."
+    )
 
 
 def _training_summary(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> str:
@@ -632,7 +882,7 @@ def _training_summary(model_args: ModelArguments, data_args: DataArguments, trai
     return (
         f"Trained {source} with `scripts/finetune.py` ({mode}{', vision backbone frozen' if model_args.freeze_vision_backbone else ''}) "
         f"on {data} for {training_args.max_steps} steps, batch {training_args.per_device_train_batch_size} per process x "
-        f"{training_args.world_size} process(es), learning rate {training_args.learning_rate} ({training_args.lr_scheduler_type}), "
+        f"{training_args.world_size} process(es), learning rate {training_args.learning_rate} ({SchedulerType(training_args.lr_scheduler_type).value}), "
         f"seed {training_args.seed}{', with image augmentation' if data_args.image_augmentation else ''}.{pretraining}"
     )
 

@@ -1,5 +1,6 @@
 """scripts/finetune.py: the Trainer run end to end, LoRA, resume, data parallelism, statistics and bad data."""
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import torch
 from conftest import REPO, TINY, make_model, make_processor, random_images
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from transformers import EvalPrediction
 
 from openvla_tools.envs.tabletop import generate_demonstrations
 
@@ -72,7 +74,9 @@ def test_model_card_parses_with_its_metadata(trained):
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "robotics"
     assert "openvla" in card.data.tags and card.data.license == "mit"
     assert card.data.unnorm_keys == ["tabletop"] and "eval_action_accuracy" in card.data.metrics_summary
-    assert "predict_action" in card.text and "AutoModel.from_pretrained" in card.text
+    assert "predict_action" in card.text and f'AutoModel.from_pretrained("{trained.name}"' in card.text  # not a local path
+    assert "eval_runtime" not in card.text and "train_minutes" not in card.data.metrics_summary  # no runtime counters
+    assert "(constant)" in card.text and "SchedulerType" not in card.text
 
 
 LOAD_AND_PREDICT = """
@@ -202,6 +206,20 @@ def test_eval_bins_of_the_regression_head(tokenizer):
     assert finetune.image_reliance(model, rows, processor.data_collator) == 0.0
 
 
+def test_eval_metrics_on_a_hand_computed_case(tokenizer):
+    """Accuracy and L1 errors of two eval rows whose bins are known, against values worked out by hand."""
+    stats = {"robot": {"action": {"q01": [0.0, 10.0], "q99": [2.0, 30.0], "mask": [True, True]}}}
+    processor = make_processor(tokenizer, action_dim=2, norm_stats=stats)
+    predicted = np.array([[0, 255], [100, 50]])
+    target = np.array([[0, 255], [100, 51]])  # 3 of the 4 bins agree
+    labels = np.concatenate([np.full((2, 3), -100), len(tokenizer) - 1 - target], axis=1)
+    metrics = finetune.make_compute_metrics(processor, ["robot", "robot"])(EvalPrediction(predicted, labels))
+    # One bin apart is 2 / 255 in normalised units; on dimension 1 (q01..q99 = 10..30) that is 2 / 255 * 20 / 2 raw.
+    assert metrics["action_accuracy"] == pytest.approx(0.75)
+    assert metrics["l1_normalized"] == pytest.approx((2 / 255) / 4, rel=1e-5)
+    assert metrics["l1_raw"] == pytest.approx(((0 + 0) / 2 + (0 + 20 / 255) / 2) / 2, rel=1e-5)
+
+
 def test_frozen_vision_backbone_stays_fixed(tokenizer):
     model = finetune.apply_training_mode(make_model(tokenizer), finetune.ModelArguments(freeze_vision_backbone=True))
     assert not any(p.requires_grad for p in model.vision_backbone.parameters())
@@ -224,7 +242,8 @@ def test_after_vision_pretraining_the_vision_backbone_and_projector_stay_fixed(t
 
 
 def test_vision_pretraining_applies_to_models_trained_from_scratch_only():
-    assert finetune.ModelArguments().resolved_vision_pretraining_steps() == finetune.DEFAULT_VISION_PRETRAINING_STEPS
+    assert finetune.ModelArguments().resolved_vision_pretraining_steps() == 0  # only a recipe or the flag asks for it
+    assert finetune.parse_arguments([])[0].resolved_vision_pretraining_steps() == 250  # the main job's recipe
     assert finetune.ModelArguments(model_name_or_path="outputs/finetune").resolved_vision_pretraining_steps() == 0
     with pytest.raises(ValueError, match=r"--vision_pretraining_steps 5 applies to a model trained from scratch, not to the loaded 'outputs/finetune'"):
         finetune.ModelArguments(model_name_or_path="outputs/finetune", vision_pretraining_steps=5).resolved_vision_pretraining_steps()
@@ -359,7 +378,7 @@ def test_parallel_chunked_model_trains_with_the_same_program(tmp_path):
 
 
 def test_demo_tasks_choose_the_goals_of_the_built_in_demos(tmp_path):
-    from tabletop import parse_instruction
+    from openvla_tools.envs.tabletop import parse_instruction
 
     reach = finetune.load_raw_dataset(None, 4, seed=0, task_kinds=("reach",))
     assert len(reach) and all(parse_instruction(text)[1] is None for text in reach["instruction"])
@@ -374,7 +393,57 @@ def test_main_job_recipe_learns_which_object_the_instruction_names(tmp_path):
     objects: 66% of 50 episodes when measured (the full 2,500 steps: 99%). A policy that ignores the colour word can at
     best head for one of the three at random; the recipe without the vision pretraining stage scored 12% at 1,000
     steps, and this recipe on only 1,000 episodes 4% (README, main job)."""
-    metrics = finetune.main(["--output_dir", str(tmp_path / "recipe"), "--max_steps", "1000", "--eval_strategy", "no",
-                             "--save_steps", "10000", "--closed_loop_episodes", "50"])
+    metrics = finetune.main([str(finetune.MAIN_JOB_RECIPE), "--output_dir", str(tmp_path / "recipe"), "--max_steps", "1000",
+                             "--eval_strategy", "no", "--save_steps", "10000", "--closed_loop_episodes", "50"])
     assert metrics["eval_image_reliance"] > 0.1
     assert metrics["closed_loop_success_rate"] >= 0.4
+
+
+def _parsed(argv: list[str]) -> tuple[dict, dict, dict]:
+    model_args, data_args, training_args = finetune.parse_arguments(argv)
+    return dataclasses.asdict(model_args), dataclasses.asdict(data_args), training_args.to_dict()
+
+
+# What the measured runs passed, with the defaults of the program at the time (commit 1675b81) spelled out.
+MAIN_JOB_AS_MEASURED = [
+    "--config_overrides", "vision_dim=128,vision_num_layers=2,hidden_dim=128,num_layers=2,patch_size=16,vision_stem=coordconv,"
+    "weight_init=fan_in,action_decoding=parallel,prefix_attention=bidirectional",
+    "--vision_pretraining_steps", "250", "--num_demo_episodes", "4000", "--demo_tasks", "reach,push", "--closed_loop_episodes", "100",
+    "--image_augmentation", "false", "--max_steps", "2500", "--per_device_train_batch_size", "32", "--learning_rate", "1e-3",
+    "--adam_beta2", "0.95", "--lr_scheduler_type", "cosine", "--warmup_steps", "50", "--output_dir", "outputs/finetune",
+]
+METAWORLD_AS_MEASURED = [  # README, Meta-World, command 2 (82.0%)
+    "--dataset_name", "outputs/metaworld_demos", "--from_scratch", "--config_overrides", "", "--vision_pretraining_steps", "0",
+    "--action_decoding", "parallel", "--action_chunk_size", "4", "--max_steps", "5000", "--per_device_train_batch_size", "16",
+    "--learning_rate", "3e-4", "--adam_beta2", "0.999", "--output_dir", "outputs/metaworld", "--closed_loop_episodes", "0",
+    "--image_augmentation", "false", "--lr_scheduler_type", "cosine", "--warmup_steps", "50",
+]
+
+
+def test_no_arguments_run_the_main_job_recipe_as_measured():
+    assert _parsed([]) == _parsed([str(finetune.MAIN_JOB_RECIPE)]) == _parsed(MAIN_JOB_AS_MEASURED)
+
+
+def test_metaworld_recipe_passes_the_measured_command():
+    assert _parsed([str(finetune.RECIPES / "metaworld.yaml")]) == _parsed(METAWORLD_AS_MEASURED)
+
+
+def test_recipe_values_yield_to_flags_and_unknown_names_raise(tmp_path):
+    model_args, data_args, training_args = finetune.parse_arguments([str(finetune.RECIPES / "metaworld.yaml"), "--max_steps", "7"])
+    assert training_args.max_steps == 7 and training_args.learning_rate == 3e-4 and model_args.action_chunk_size == 4
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"learning_rate": 1e-5, "lora_rnak": 4}))
+    with pytest.raises(ValueError, match=r"unknown arguments \['lora_rnak'\]"):
+        finetune.parse_arguments([str(recipe)])
+    with pytest.raises(ValueError, match="does not exist"):
+        finetune.parse_arguments([str(tmp_path / "missing.yaml")])
+    lora = finetune.parse_arguments([str(finetune.RECIPES / "lora_openvla_7b.yaml"), "--dataset_name", "my_demos"])
+    assert (lora[0].use_lora, lora[0].lora_rank, lora[0].lora_dropout, lora[2].learning_rate, lora[2].bf16) == (True, 32, 0.0, 5e-4, True)
+
+
+def test_without_a_recipe_a_users_dataset_gets_the_official_fine_tuning_defaults():
+    model_args, data_args, training_args = finetune.parse_arguments(["--model_name_or_path", "my_model", "--dataset_name", "my_demos"])
+    assert (model_args.lora_rank, model_args.lora_alpha, model_args.lora_dropout) == (32, 16, 0.0)
+    assert (training_args.learning_rate, training_args.per_device_train_batch_size, training_args.adam_beta2) == (5e-4, 16, 0.999)
+    assert training_args.lr_scheduler_type == "constant" and data_args.image_augmentation
+    assert model_args.config_overrides is None and model_args.resolved_vision_pretraining_steps() == 0

@@ -44,10 +44,24 @@ action = model.predict_action(**inputs{unnorm_argument})  # -> [1, {action_dim}]
 """
 
 
+# What a reader of a model card wants to know about its quality; runtime counters (samples per second, FLOPs, epochs)
+# stay in eval_results.json.
+RESULT_METRICS = ("loss", "accuracy", "l1", "reliance", "success")
+
+
+def reported_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The quality metrics among `metrics`: losses, token accuracy, L1 errors, image reliance, closed-loop success."""
+    return {
+        name: value for name, value in metrics.items()
+        if isinstance(value, (int, float)) and any(word in name.lower() for word in RESULT_METRICS)
+    }
+
+
 def _results_table(metrics: dict[str, Any]) -> str:
-    if not metrics:
+    reported = reported_metrics(metrics)
+    if not reported:
         return "No metrics were recorded."
-    rows = [f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |" for name, value in metrics.items()]
+    rows = [f"| {name} | {value:.4g} |" for name, value in reported.items()]
     return "\n".join(["| metric | value |", "| --- | --- |", *rows])
 
 
@@ -55,7 +69,10 @@ def write_model_card(folder: Path, config, metrics: dict[str, Any] | None = None
                      datasets: list[str] | None = None, training: str = "", repo_id: str | None = None,
                      instruction: str = "move to the red block", license: str = "mit") -> ModelCard:
     """Write `folder/README.md`: Hub metadata (library, pipeline tag, tags, base model, datasets, license, metrics),
-    a usage snippet, the action space, the architecture, how it was trained and the results."""
+    a usage snippet, the action space, the architecture, how it was trained and the results.
+
+    The usage snippet loads `repo_id` (the Hub id the folder is pushed to), else the folder's own name, never a path
+    of the machine that wrote it."""
     norm_keys = sorted(config.norm_stats)
     card_data = ModelCardData(
         library_name="transformers",
@@ -66,11 +83,11 @@ def write_model_card(folder: Path, config, metrics: dict[str, Any] | None = None
         datasets=datasets or None,
         action_dim=config.action_dim,
         unnorm_keys=norm_keys,
-        metrics_summary={name: value for name, value in (metrics or {}).items() if isinstance(value, (int, float))},
+        metrics_summary=reported_metrics(metrics or {}),
     )
     body = CARD_BODY.format(
         title=f"OpenVLA ({Path(folder).name})",
-        repo_id=repo_id or str(folder),
+        repo_id=repo_id or Path(folder).name,
         instruction=instruction,
         unnorm_argument=f', unnorm_key="{norm_keys[0]}"' if len(norm_keys) > 1 else "",
         norm_keys=", ".join(f"`{key}`" for key in norm_keys) or "none (actions stay normalised)",
