@@ -1,8 +1,8 @@
-"""Scripted-expert demonstrations, written as a dataset folder that `scripts/finetune.py --dataset_name` reads.
+"""Scripted-expert demonstrations, written as a LeRobot v3.0 dataset that `scripts/finetune.py --dataset_name` reads.
 
     python scripts/demos.py --env tabletop --episodes 1000 --output outputs/tabletop_demos
     python scripts/demos.py --env metaworld --tasks button-press-topdown-v3 drawer-close-v3 coffee-button-v3 \\
-        --episodes-per-task 100 --camera topview --action-noise 0.2 --output outputs/metaworld_demos
+        --episodes-per-task 100 --camera topview --action-noise 0.2 --image_storage image --output outputs/metaworld_demos
 
 `--env` picks the environment (default `tabletop`); the other options are the environment's own (`--env ENV --help`
 lists them). Tabletop: the built-in 2-D task (`openvla_tools.envs.tabletop`). Meta-World (the `metaworld` extra):
@@ -10,11 +10,10 @@ the scripted expert policies on the training variations (`openvla_tools.envs.met
 noise and variations are chosen); `DIR/stats.json` holds the action statistics and wall time. Both write
 `DIR/preview.png`.
 
-`--format lerobot` writes a LeRobot v3.0 dataset instead of a `save_to_disk` folder (`openvla_tools.lerobot_writer`:
-camera `observation.images.main` as AV1 mp4, or with `--image_storage image` as lossless PNG in the parquet; tabletop
-at a nominal 10 fps, Meta-World at its 80 Hz control rate), which LeRobot's tools open and `finetune.py` reads:
-
-    python scripts/demos.py --env tabletop --episodes 1000 --format lerobot --output outputs/tabletop_lerobot
+The dataset (`openvla_tools.lerobot_writer`) holds the camera `observation.images.main` as AV1 mp4, or with
+`--image_storage image` as lossless PNG in the parquet (the frames exactly as rendered, as the measured recipes
+used them); tabletop at a nominal 10 fps, Meta-World at its 80 Hz control rate. LeRobot's own tools open it.
+`--format datasets` writes a `save_to_disk` folder instead.
 """
 
 from __future__ import annotations
@@ -27,16 +26,17 @@ from pathlib import Path
 
 import datasets
 
+from openvla_tools.envs.tabletop import FPS as TABLETOP_FPS
 from openvla_tools.envs.tabletop import TASK_KINDS, episode_frames, generate_demonstrations, save_episode_strip
 from openvla_tools.lerobot_writer import IMAGE_STORAGES, write_lerobot_dataset
 
 ENVIRONMENTS = ("tabletop", "metaworld")
 FORMATS = ("datasets", "lerobot")
-FPS = {"tabletop": 10, "metaworld": 80}
+FPS = {"tabletop": TABLETOP_FPS, "metaworld": 80}
 
 
 def add_format_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=FORMATS, default="datasets", help="'datasets' (save_to_disk) or 'lerobot' (LeRobot v3.0).")
+    parser.add_argument("--format", choices=FORMATS, default="lerobot", help="'lerobot' (LeRobot v3.0) or 'datasets' (save_to_disk).")
     parser.add_argument(
         "--image_storage", "--image-storage", dest="image_storage", choices=IMAGE_STORAGES, default="video",
         help="LeRobot camera frames: 'video' (mp4) or 'image' (lossless PNG inside the parquet).",

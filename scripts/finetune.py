@@ -61,8 +61,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction
+from openvla_tools.envs.tabletop import FPS as TABLETOP_FPS
 from openvla_tools.envs.tabletop import TASK_KINDS, check_task_kinds, evaluate_model, generate_demonstrations
 from openvla_tools.lerobot_format import load_lerobot_dataset, parse_episodes, resolve_lerobot_dataset
+from openvla_tools.lerobot_writer import write_lerobot_dataset
 from openvla_tools.model_card import push_folder, write_model_card
 from openvla_tools.vision_pretraining import PatchColourTarget, pretrain_vision
 from processing_openvla import (
@@ -219,11 +221,23 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     return overrides
 
 
+def builtin_demonstrations(num_episodes: int, seed: int, task_kinds: Sequence[str] = TASK_KINDS) -> datasets.Dataset:
+    """The built-in tabletop demonstrations, through the same LeRobot path as a user's data: generated once, written as
+    a LeRobot v3.0 dataset with lossless frames in the `datasets` cache folder, and read back by the LeRobot reader
+    (later runs with the same episodes, seed and goal kinds read the folder written before)."""
+    key = f"tabletop-{num_episodes}-episodes-seed-{seed}-{'-'.join(task_kinds)}"
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "openvla_builtin_demos" / key
+    if not (folder / "meta" / "info.json").exists():
+        demos = generate_demonstrations(num_episodes, seed=seed, dataset_name=BUILTIN_DATASET, task_kinds=task_kinds)
+        write_lerobot_dataset(demos, folder, fps=TABLETOP_FPS, image_storage="image", robot_type=BUILTIN_DATASET)
+    return load_lerobot_dataset(folder, dataset_name=BUILTIN_DATASET)
+
+
 def load_raw_dataset(name: str | None, num_demo_episodes: int, seed: int, task_kinds: Sequence[str] = TASK_KINDS) -> datasets.Dataset:
     """The built-in demos (goals of `task_kinds`), or a dataset from a `save_to_disk` folder, parquet files, an
     imagefolder or the Hub."""
     if name is None:
-        return generate_demonstrations(num_demo_episodes, seed=seed, dataset_name=BUILTIN_DATASET, task_kinds=task_kinds)
+        return builtin_demonstrations(num_demo_episodes, seed, task_kinds)
     path = Path(name)
     if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
         loaded = datasets.load_from_disk(str(path))

@@ -9,7 +9,6 @@ import pytest  # noqa: E402
 
 pytest.importorskip("metaworld", reason="Meta-World is an optional extra: pip install -e '.[metaworld]'")
 
-import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 from conftest import make_model, make_processor  # noqa: E402
 from demos import main as demos_main  # noqa: E402
@@ -25,6 +24,7 @@ from openvla_tools.envs.metaworld_env import (  # noqa: E402
     run_episode,
     task_variations,
 )
+from openvla_tools.lerobot_format import load_lerobot_dataset  # noqa: E402
 from openvla_tools.metaworld_evaluation import ModelPolicy, evaluate_policy_on_tasks  # noqa: E402
 from processing_openvla import compute_action_stats  # noqa: E402
 
@@ -35,14 +35,15 @@ METAWORLD_STATS = {"metaworld": compute_action_stats(np.random.default_rng(0).un
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     output = tmp_path_factory.mktemp("demos") / "metaworld"
-    demos_main(["--env", "metaworld", "--tasks", TASK, "--episodes-per-task", "2", "--output", str(output), "--image-size", "64"])
+    demos_main(["--env", "metaworld", "--tasks", TASK, "--episodes-per-task", "2", "--output", str(output), "--image-size", "64",
+                "--image_storage", "image"])
     return output
 
 
 def test_demonstrations_are_successful_expert_episodes(demos):
-    dataset = datasets.load_from_disk(str(demos))
-    assert dataset.column_names == ["image", "instruction", "action", "episode", "step", "task"]
-    assert set(dataset["episode"]) == {0, 1} and set(dataset["task"]) == {TASK}
+    dataset = load_lerobot_dataset(demos)  # written as a LeRobot dataset, read back by the reader finetune.py uses
+    assert dataset.column_names == ["image", "instruction", "action", "episode", "step", "dataset_name"]
+    assert set(dataset["episode"]) == {0, 1} and set(dataset["dataset_name"]) == {"metaworld"}
     assert set(dataset["instruction"]) <= set(TASK_INSTRUCTIONS[TASK])
     assert dataset[0]["image"].size == (64, 64) and np.asarray(dataset[0]["image"]).std() > 10
     stats = json.loads((demos / "stats.json").read_text())

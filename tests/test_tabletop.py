@@ -27,6 +27,7 @@ from openvla_tools.envs.tabletop import (
     random_policy,
     render_scene,
 )
+from openvla_tools.lerobot_format import load_lerobot_dataset
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +317,9 @@ def test_strip_is_written(tmp_path, batch_size):
 
 
 def test_cli_writes_dataset_and_preview(tmp_path, capsys):
-    demos_main(["--env", "tabletop", "--episodes", "3", "--output", str(tmp_path / "demos")])
-    assert len(datasets.load_from_disk(str(tmp_path / "demos"))) > 3
+    demos_main(["--env", "tabletop", "--episodes", "3", "--output", str(tmp_path / "demos")])  # a LeRobot dataset
+    assert len(load_lerobot_dataset(tmp_path / "demos")) > 3
+    demos_main(["--env", "tabletop", "--episodes", "3", "--format", "datasets", "--output", str(tmp_path / "plain")])
+    assert len(datasets.load_from_disk(str(tmp_path / "plain"))) > 3
     assert Image.open(tmp_path / "demos" / "preview.png").height == 3 * (112 + 14)
     assert "3 episodes" in capsys.readouterr().out

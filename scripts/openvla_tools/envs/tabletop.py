@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from modeling_openvla import OpenVLAPolicy
 
 ACTION_DIM = 7
+FPS = 10  # nominal frame rate of recorded episodes: the task has no clock, one step per frame
 MAX_STEP = 0.1  # longest gripper move per step, table units
 SUCCESS_RADIUS = 0.05
 PUSH_DISTANCE = 0.15
