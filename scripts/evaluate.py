@@ -26,6 +26,7 @@ from openvla_tools.envs.tabletop import (
     expert_policy,
     random_policy,
 )
+from processing_openvla import resolve_unnorm_key
 
 ENVIRONMENTS = ("tabletop", "metaworld")
 
@@ -51,22 +52,26 @@ def tabletop_main(argv: Sequence[str]) -> None:
         served = ModelPolicy(RemotePolicy(args.server, api_key=args.api_key, unnorm_key=args.unnorm_key, n_action_steps=1))
         evaluated = evaluate_policy(served, args.episodes, seed=args.seed, batch_size=args.batch_size,
                                     strip_path=args.strip, task_kinds=args.tasks)
+        unnorm_key = args.unnorm_key  # None: the server's default dataset
     else:
         from transformers import AutoModel, AutoProcessor
 
         model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         evaluated = evaluate_model(model, processor, args.episodes, args.seed, args.unnorm_key, args.batch_size, args.strip, args.tasks)
+        unnorm_key = resolve_unnorm_key(model.config.norm_stats, args.unnorm_key)
     results = {
         "model": evaluated,
         "expert": evaluate_policy(expert_policy, args.episodes, seed=args.seed, task_kinds=args.tasks),
         "random": evaluate_policy(random_policy(0), args.episodes, seed=args.seed, task_kinds=args.tasks),
     }
+    print(f"model: {args.model or args.server}, action statistics of dataset (unnorm_key): {unnorm_key}")
     print(f"{'policy':<8} {'success':>8} {'mean steps':>11}")
     for name, result in results.items():
         print(f"{name:<8} {result['success_rate']:>8.1%} {result['mean_steps']:>11.1f}")
     if args.json:
         summary = {name: {k: v for k, v in result.items() if k != "successes"} for name, result in results.items()}
+        summary["settings"] = {"model": args.model or args.server, "unnorm_key": unnorm_key, "episodes": args.episodes, "seed": args.seed}
         args.json.write_text(json.dumps(summary, indent=2))
 
 

@@ -642,5 +642,6 @@ def test_evaluator_drives_a_served_model_as_it_drives_the_local_one(processor, c
     evaluate_main([*common, "--model", str(folder), "--json", str(tmp_path / "local.json")])
     with serving(ActionPredictor(chunked, tabletop_processor, unnorm_key="robot_a")) as (url, _, _):
         evaluate_main([*common, "--server", url, "--json", str(tmp_path / "served.json")])
-    local, served = (json.loads((tmp_path / name).read_text())["model"] for name in ("local.json", "served.json"))
-    assert served == local
+    local, served = (json.loads((tmp_path / name).read_text()) for name in ("local.json", "served.json"))
+    assert served["model"] == local["model"]
+    assert local["settings"]["unnorm_key"] == served["settings"]["unnorm_key"] == "robot_a"
