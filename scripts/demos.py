@@ -26,11 +26,11 @@ from pathlib import Path
 
 import datasets
 
+from openvla_tools.envs import run_for_env
 from openvla_tools.envs.tabletop import FPS as TABLETOP_FPS
 from openvla_tools.envs.tabletop import TASK_KINDS, episode_frames, generate_demonstrations, save_episode_strip
 from openvla_tools.lerobot_writer import IMAGE_STORAGES, write_lerobot_dataset
 
-ENVIRONMENTS = ("tabletop", "metaworld")
 FORMATS = ("datasets", "lerobot")
 FPS = {"tabletop": TABLETOP_FPS, "metaworld": 80}
 
@@ -148,14 +148,7 @@ def metaworld_main(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
-    parser.add_argument("--env", choices=ENVIRONMENTS, default=None, help="Environment of the demonstrations (default: tabletop).")
-    args, rest = parser.parse_known_args(argv)
-    if args.env is None and {"-h", "--help"} & set(rest):
-        parser.print_help()
-        return
-    (metaworld_main if args.env == "metaworld" else tabletop_main)(rest)
-
+    run_for_env(argv, __doc__, {"tabletop": tabletop_main, "metaworld": metaworld_main})
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from openvla_tools.envs import run_for_env
 from openvla_tools.envs.tabletop import (
     TASK_KINDS,
     ModelPolicy,
@@ -27,8 +28,6 @@ from openvla_tools.envs.tabletop import (
     random_policy,
 )
 from processing_openvla import resolve_unnorm_key
-
-ENVIRONMENTS = ("tabletop", "metaworld")
 
 
 def tabletop_main(argv: Sequence[str]) -> None:
@@ -145,14 +144,7 @@ def metaworld_main(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
-    parser.add_argument("--env", choices=ENVIRONMENTS, default=None, help="Environment of the episodes (default: tabletop).")
-    args, rest = parser.parse_known_args(argv)
-    if args.env is None and {"-h", "--help"} & set(rest):
-        parser.print_help()
-        return
-    (metaworld_main if args.env == "metaworld" else tabletop_main)(rest)
-
+    run_for_env(argv, __doc__, {"tabletop": tabletop_main, "metaworld": metaworld_main})
 
 if __name__ == "__main__":
     main()

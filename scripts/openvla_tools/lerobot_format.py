@@ -30,6 +30,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from .envs.tabletop import demonstration_features
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = ("v3.0", "v2.1")
@@ -39,20 +41,6 @@ UPGRADE_HINT = (
     "convert it to v3.0 with LeRobot's converter (`python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 "
     "--repo-id=<id>`, after LeRobot's own v2.0 -> v2.1 converter for older datasets)"
 )
-
-
-def demonstration_row_features(action_dim: int) -> datasets.Features:
-    """The columns of the rows the reader returns: the layout of the project's own demonstrations."""
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "instruction": datasets.Value("string"),
-            "action": datasets.List(datasets.Value("float32"), length=action_dim),
-            "episode": datasets.Value("int32"),
-            "step": datasets.Value("int32"),
-            "dataset_name": datasets.Value("string"),
-        }
-    )
 
 
 def parse_episodes(text: str | None) -> list[int] | None:
@@ -450,7 +438,7 @@ def load_lerobot_dataset(
     try:
         return datasets.Dataset.from_generator(
             _generate_rows,
-            features=demonstration_row_features(action_dim),
+            features=demonstration_features(action_dim),
             cache_dir=cache_dir,
             gen_kwargs={"root": str(meta.root), "image_key": image_key, "action_key": action_key, "episodes": tuple(options["episodes"]), "dataset_name": name},
             fingerprint=_source_fingerprint(meta, records, {**options, "reader": READER_VERSION}),
