@@ -27,7 +27,7 @@ ACTION_DECODING_MODES = ("autoregressive", "parallel")
 ACTION_HEADS = ("tokens", "l1_regression")
 PREFIX_ATTENTION_MODES = ("causal", "bidirectional")
 VISION_LAYOUTS = ("transformers", "timm")
-VISION_STEMS = ("patch", "conv", "coordconv")
+VISION_STEMS = ("patch", "coordconv")
 WEIGHT_INITS = ("standard", "fan_in")
 # Options that take one of a fixed set of values, checked by `OpenVLAConfig._validate`.
 OPTION_CHOICES = (
@@ -179,13 +179,13 @@ class OpenVLAConfig(PreTrainedConfig):
             run), whose official key names load (and save back) through registered weight conversions.
         vision_stem (`str`, defaults to `"patch"`): how the DINOv2 tower turns pixels into patch tokens. `"patch"` is
             DINOv2's own linear patch embedding (one `patch_size`-strided convolution, as in every published
-            checkpoint); `"conv"` replaces it with a convolutional stem (Xiao et al. 2021, "Early Convolutions Help
-            Transformers See Better"): `log2(patch_size)` 3x3 stride-2 convolutions with ReLU, widths doubling up to
-            `vision_dim`, then a 1x1 convolution, giving the same patch grid; `"coordconv"` is that stem with the
-            pixel's x and y as two more input channels of its first convolution (CoordConv, Liu et al. 2018). Meant
-            for towers trained from scratch; the README's tabletop section gives what they did and did not change
-            there. Both need a power-of-two `patch_size`, a `vision_dim` divisible by `patch_size // 2` and a single
-            DINOv2 tower in the transformers layout.
+            checkpoint); `"coordconv"` replaces it with a convolutional stem (Xiao et al. 2021, "Early Convolutions
+            Help Transformers See Better") whose first convolution also sees the pixel's x and y as two more input
+            channels (CoordConv, Liu et al. 2018): `log2(patch_size)` 3x3 stride-2 convolutions with ReLU, widths
+            doubling up to `vision_dim`, then a 1x1 convolution, giving the same patch grid. Meant for towers trained
+            from scratch: the tabletop main job scored 38% instead of 99% without it
+            (docs/experiments/tabletop_main_job.md). Needs a power-of-two `patch_size`, a `vision_dim` divisible by
+            `patch_size // 2` and a single DINOv2 tower in the transformers layout.
         weight_init (`str`, defaults to `"standard"`): how a model built from scratch starts its linear and convolution
             weights. `"standard"` keeps each part's transformers initialiser (normal, std `initializer_range` = 0.02,
             as DINOv2 and Llama). `"fan_in"` draws every linear and convolution weight but the LM head's from a normal
@@ -572,16 +572,15 @@ def _timm_tower_config(timm_id: str, image_size: int, activation: str | None, ti
 
 
 def conv_stem_widths(patch_size: int, width: int) -> list[int]:
-    """Output widths of the 3x3 stride-2 convolutions of `vision_stem="conv"`: `log2(patch_size)` of them, doubling up
+    """Output widths of the 3x3 stride-2 convolutions of `vision_stem="coordconv"`: `log2(patch_size)` of them, doubling up
     to `width` (e.g. patch 16, width 192: `[24, 48, 96, 192]`)."""
     num_convs = patch_size.bit_length() - 1
     return [width // 2 ** (num_convs - 1 - index) for index in range(num_convs)]
 
 
-def conv_stem_in_channels(num_channels: int, coordinates: bool) -> int:
-    """Input channels of the first convolution of a convolutional stem: the image's, plus the pixel coordinates when
-    `coordinates` (`vision_stem="coordconv"`)."""
-    return num_channels + (COORDINATE_CHANNELS if coordinates else 0)
+def conv_stem_in_channels(num_channels: int) -> int:
+    """Input channels of the first convolution of the `"coordconv"` stem: the image's, plus the pixel coordinates."""
+    return num_channels + COORDINATE_CHANNELS
 
 
 def _conv_stem_param_count(in_channels: int, patch_size: int, width: int) -> int:
@@ -593,12 +592,12 @@ def _conv_stem_param_count(in_channels: int, patch_size: int, width: int) -> int
 def _vision_param_count(config: PreTrainedConfig, timm_layout: bool = False, stem: str = "patch") -> int:
     """Parameters of a transformers Dinov2, Dinov2WithRegisters or SigLIP vision model built from `config` (with
     `timm_layout`, the DINOv2 model of `vision_layout="timm"`: no mask token, no class-token position embedding; with
-    `stem="conv"` or `"coordconv"`, that convolutional stem in place of the patch embedding)."""
+    `stem="coordconv"`, that convolutional stem in place of the patch embedding)."""
     width = config.hidden_size
     patch = _as_square(config.patch_size, "patch_size")
     grid = (_as_square(config.image_size, "image_size") // patch) ** 2
     if stem != "patch":
-        patch_embedding = _conv_stem_param_count(conv_stem_in_channels(config.num_channels, coordinates=stem == "coordconv"), patch, width)
+        patch_embedding = _conv_stem_param_count(conv_stem_in_channels(config.num_channels), patch, width)
     else:
         patch_embedding = _linear(config.num_channels * patch * patch, width)
     if config.model_type in ("dinov2", "dinov2_with_registers"):

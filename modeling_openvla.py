@@ -395,33 +395,30 @@ def sincos_2d_positions(grid: int, width: int) -> torch.Tensor:
 
 
 class OpenVLAConvStem(nn.Sequential):
-    """Convolutional patch embedding of `vision_stem="conv"` / `"coordconv"`: 3x3 stride-2 convolutions with ReLU
-    (widths from `conv_stem_widths`), then a 1x1 convolution to the tower width. `[batch, channels, H, W]` ->
+    """Convolutional patch embedding of `vision_stem="coordconv"`: 3x3 stride-2 convolutions with ReLU (widths from
+    `conv_stem_widths`), then a 1x1 convolution to the tower width. `[batch, channels, H, W]` ->
     `[batch, width, H / patch_size, W / patch_size]`, the output shape of DINOv2's patch projection it replaces.
 
-    With `coordinates=True` (CoordConv, Liu et al. 2018) the first convolution also sees each pixel's x and y, from -1
-    to 1, as two more channels: its ReLU features are then products of what and where from the first layer, so the
-    position of a small object is one pooling away, where additive position embeddings leave that product to be
-    learned deep in the network.
+    The first convolution also sees each pixel's x and y, from -1 to 1, as two more channels (CoordConv, Liu et al.
+    2018): its ReLU features are then products of what and where from the first layer, so the position of a small
+    object is one pooling away, where additive position embeddings leave that product to be learned deep in the
+    network.
     """
 
-    def __init__(self, in_channels: int, patch_size: int, width: int, coordinates: bool = False):
+    def __init__(self, in_channels: int, patch_size: int, width: int):
         widths = conv_stem_widths(patch_size, width)
-        first_in = conv_stem_in_channels(in_channels, coordinates)
         layers: list[nn.Module] = []
-        for fan_in, fan_out in zip([first_in, *widths[:-1]], widths):
+        for fan_in, fan_out in zip([conv_stem_in_channels(in_channels), *widths[:-1]], widths):
             layers += [nn.Conv2d(fan_in, fan_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
         super().__init__(*layers, nn.Conv2d(width, width, kernel_size=1))
-        self.coordinates = coordinates
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.coordinates:
-            batch, _, height, width = pixel_values.shape
-            kwargs = {"device": pixel_values.device, "dtype": pixel_values.dtype}
-            rows, columns = torch.meshgrid(torch.linspace(-1, 1, height, **kwargs), torch.linspace(-1, 1, width, **kwargs), indexing="ij")
-            grid = torch.stack([columns, rows]).expand(batch, -1, -1, -1)
-            pixel_values = torch.cat([pixel_values, grid], dim=1)
-        return super().forward(pixel_values)
+        """`pixel_values [batch, channels, H, W]` with the pixel coordinates appended -> `[batch, width, H / patch, W / patch]`."""
+        batch, _, height, width = pixel_values.shape
+        kwargs = {"device": pixel_values.device, "dtype": pixel_values.dtype}
+        rows, columns = torch.meshgrid(torch.linspace(-1, 1, height, **kwargs), torch.linspace(-1, 1, width, **kwargs), indexing="ij")
+        grid = torch.stack([columns, rows]).expand(batch, -1, -1, -1)
+        return super().forward(torch.cat([pixel_values, grid], dim=1))
 
     @property
     def weight(self) -> nn.Parameter:
@@ -459,7 +456,7 @@ class OpenVLAVisionBackbone(nn.Module):
         if config.vision_stem != "patch":
             vision = config.vision_config
             self.featurizer.embeddings.patch_embeddings.projection = OpenVLAConvStem(
-                vision.num_channels, config.patch_size, vision.hidden_size, coordinates=config.vision_stem == "coordconv"
+                vision.num_channels, config.patch_size, vision.hidden_size
             )
 
     @torch.no_grad()
@@ -625,7 +622,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
 
     def _start_conv_stem(self) -> None:
         """`post_init` gives every convolution in the DINOv2 tower the tower's initialiser; a convolutional stem
-        (`vision_stem="conv"` or `"coordconv"`) is started with its own He initialisation instead. Loaded weights
+        (`vision_stem="coordconv"`) is started with its own He initialisation instead. Loaded weights
         replace it."""
         if self.config.vision_stem == "patch":
             return

@@ -207,8 +207,8 @@ class FinetuneTrainingArguments(TrainingArguments):
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
-    """'hidden_dim=128,rope=true,dropout=0.0,vision_stem=conv' -> {'hidden_dim': 128, 'rope': True, 'dropout': 0.0,
-    'vision_stem': 'conv'}: JSON values, and any other value as a string."""
+    """'hidden_dim=128,rope=true,dropout=0.0,vision_stem=coordconv' -> {'hidden_dim': 128, 'rope': True,
+    'dropout': 0.0, 'vision_stem': 'coordconv'}: JSON values, and any other value as a string."""
     overrides = {}
     for item in filter(None, (text or "").split(",")):
         if "=" not in item:

@@ -320,8 +320,8 @@ def test_mixed_datasets_get_their_own_statistics(tmp_path):
 
 
 def test_config_overrides_parse_json_values_and_plain_strings():
-    assert finetune.parse_overrides("hidden_dim=128, rope=True,dropout=0.0,vision_stem=conv,norm_stats=null") == {
-        "hidden_dim": 128, "rope": True, "dropout": 0.0, "vision_stem": "conv", "norm_stats": None,
+    assert finetune.parse_overrides("hidden_dim=128, rope=True,dropout=0.0,vision_stem=coordconv,norm_stats=null") == {
+        "hidden_dim": 128, "rope": True, "dropout": 0.0, "vision_stem": "coordconv", "norm_stats": None,
     }
     with pytest.raises(ValueError, match="'hidden_dim' is not name=value"):
         finetune.parse_overrides("hidden_dim")
