@@ -210,11 +210,18 @@ def build_action_chunks(actions: np.ndarray, episode_ids: np.ndarray, steps: np.
     return chunks
 
 
-def _stat_arrays(stats: Mapping[str, Any], action_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_stat_arrays(stats: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(q01, q99, mask)` of one dataset's statistics (official layout, or the action entry itself) as arrays; the
+    mask as stored (all true when absent), its length and values unchecked."""
     action_stats = stats.get("action", stats)
     low = np.asarray(action_stats["q01"], dtype=np.float64)
     high = np.asarray(action_stats["q99"], dtype=np.float64)
-    mask = np.asarray(action_stats.get("mask", np.ones_like(low, dtype=bool)), dtype=bool)
+    return low, high, np.asarray(action_stats.get("mask", np.ones_like(low, dtype=bool)))
+
+
+def _stat_arrays(stats: Mapping[str, Any], action_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    low, high, mask = _read_stat_arrays(stats)
+    mask = mask.astype(bool)
     if not low.shape == high.shape == mask.shape == (action_dim,):
         raise ValueError(
             f"The action statistics describe {low.shape[0]}-dimensional actions (q01 {low.shape}, q99 {high.shape}, "
@@ -282,9 +289,7 @@ def check_norm_stats(norm_stats: Any) -> None:
                 f"{where} has no action 'q01' and 'q99' bounds; compute statistics with compute_action_stats."
             )
         try:
-            low = np.asarray(action_stats["q01"], dtype=np.float64)
-            high = np.asarray(action_stats["q99"], dtype=np.float64)
-            mask = np.asarray(action_stats.get("mask", np.ones_like(low, dtype=bool)))
+            low, high, mask = _read_stat_arrays(action_stats)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where} holds q01 / q99 / mask entries that are not lists of numbers: {error}.") from error
         if low.ndim != 1 or not low.shape == high.shape == mask.shape:
@@ -331,7 +336,7 @@ def check_same_norm_stats(model_stats: Mapping[str, Any], processor_stats: Mappi
         return
     differing = sorted(set(model_stats) ^ set(processor_stats))
     for key in sorted(set(model_stats) & set(processor_stats)):
-        pairs = [_stat_arrays(stats, len(stats.get("action", stats)["q01"])) for stats in (model_stats[key], processor_stats[key])]
+        pairs = [_read_stat_arrays(stats) for stats in (model_stats[key], processor_stats[key])]
         if any(not np.array_equal(a.astype(np.float32), b.astype(np.float32)) for a, b in zip(*pairs)):
             differing.append(key)
     if differing:
