@@ -236,6 +236,25 @@ def test_writer_refuses_bad_input_and_writes_nothing(demonstrations, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["full"]
 
 
+def test_a_writer_that_loses_the_race_to_another_process_keeps_the_winners_dataset(demonstrations, tmp_path, monkeypatch):
+    """Two runs (or two processes of `accelerate launch`) writing the same built-in demonstrations at once: the one
+    that finishes second gets FileExistsError, the dataset written first stays whole, and no staging folder is left."""
+    from openvla_tools import lerobot_writer
+
+    winner = write_lerobot_dataset(demonstrations, tmp_path / "winner", fps=10, image_storage="image")
+    finish = lerobot_writer._V30Writer.finish
+
+    def finish_after_the_other_process(self, *args):
+        finish(self, *args)
+        shutil.copytree(winner, tmp_path / "demos")
+
+    monkeypatch.setattr(lerobot_writer._V30Writer, "finish", finish_after_the_other_process)
+    with pytest.raises(FileExistsError, match="written by another process"):
+        write_lerobot_dataset(demonstrations, tmp_path / "demos", fps=10, image_storage="image")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["demos", "winner"]
+    assert sorted(path.name for path in (tmp_path / "demos").iterdir()) == sorted(path.name for path in winner.iterdir())
+
+
 # scripts/finetune.py and scripts/demos.py on LeRobot data.
 TRAIN = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_split_ratio", "0.34", "--eval_steps", "2",
          "--vision_pretraining_steps", "2", "--config_overrides", ",".join(f"{k}={v}" for k, v in TINY.items() if k != "image_size")]

@@ -127,6 +127,7 @@ def write_lerobot_dataset(
     Raises:
         ValueError: `image_storage` is not 'video' or 'image', `output_dir` exists and is not empty, a column is
             missing, or the actions differ in length or hold NaN/inf.
+        FileExistsError: another process completed `output_dir` while this one wrote it.
     """
     if image_storage not in IMAGE_STORAGES:
         raise ValueError(f"--image_storage {image_storage!r} is not one of {list(IMAGE_STORAGES)}: 'video' (mp4) or 'image' (lossless, in the parquet).")
@@ -153,9 +154,12 @@ def write_lerobot_dataset(
             episode_tasks = [task_index[instructions[i]] for i in episode_rows]
             writer.add_episode(episode, frames, actions[episode_rows], episode_tasks, tasks)
         writer.finish(tasks, robot_type, actions)
-        if output_dir.exists():
+        if output_dir.exists() and not any(output_dir.iterdir()):
             output_dir.rmdir()
-        staging.rename(output_dir)
+        try:
+            staging.rename(output_dir)
+        except OSError as error:
+            raise FileExistsError(f"{str(output_dir)!r} was written by another process meanwhile.") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
