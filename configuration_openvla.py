@@ -49,7 +49,6 @@ AUTO_MAP = {
 
 # --- Official (Prismatic) OpenVLA checkpoints -------------------------------------------------------------------------
 # `config.json` fields of an official checkpoint that have no counterpart among ours (translated, then dropped).
-# (`test_timm_model_kwargs` is not official: the tiny test checkpoints use it to shrink the timm towers.)
 OFFICIAL_CONFIG_KEYS = (
     "vision_backbone_id",
     "llm_backbone_id",
@@ -65,7 +64,6 @@ OFFICIAL_CONFIG_KEYS = (
     "pad_to_multiple_of",
     "pad_token_id",
     "output_projector_states",
-    "test_timm_model_kwargs",
 )
 # Any of these marks a config as official (the other keys above, e.g. `pad_token_id`, may appear elsewhere too).
 OFFICIAL_CONFIG_MARKERS = ("vision_backbone_id", "timm_model_ids", "arch_specifier", "n_action_bins")
@@ -93,8 +91,6 @@ TIMM_VISION_TOWERS = {
     "vit_so400m_patch14_siglip_224": _SIGLIP_SO400M_14,
     "vit_so400m_patch14_siglip_384": _SIGLIP_SO400M_14,
 }
-# timm constructor arguments (as in `timm.create_model(..., **kwargs)`) -> tower description keys.
-_TIMM_KWARGS = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads", "mlp_ratio": "mlp_ratio"}
 # Llama-2's SentencePiece "empty" token: official OpenVLA appends it to every prompt that does not end with it.
 LLAMA_EMPTY_TOKEN = "\u2581"
 # `config.json` of the published `openvla/openvla-7b` (its fields that describe the architecture; the norm_stats of its
@@ -192,7 +188,8 @@ class OpenVLAConfig(PreTrainedConfig):
             with std `1 / sqrt(fan_in)` (LeCun), and scales the ordinal start of the action tokens' embeddings to the
             same std, so each layer starts with unit gain whatever its width: at std 0.02 a 128-wide layer starts
             with a gain of 0.23, the network starts almost linear, and a narrow model trained from scratch stays long
-            on the plateau where it ignores the image (README, main job). Loaded weights replace either.
+            on the plateau where it ignores the image (README, main job). Loaded weights replace either; weights a
+            checkpoint lacks start as in a model built from this config.
         prompt_suffix_token (`str`, *optional*): token the processor appends to a prompt that does not already end
             with it (official checkpoints: Llama-2's empty token `"\u2581"`); the processor looks its id up in the
             tokenizer.
@@ -464,11 +461,7 @@ class OpenVLAConfig(PreTrainedConfig):
         count = len(timm_ids)
         image_sizes = official.get("image_sizes") or [224] * count
         activations = official.get("timm_override_act_layers") or [None] * count
-        tower_kwargs = official.get("test_timm_model_kwargs") or [{}] * count
-        towers = [
-            _timm_tower_config(*tower)
-            for tower in zip(timm_ids, image_sizes, activations, tower_kwargs, strict=True)
-        ]
+        towers = [_timm_tower_config(*tower) for tower in zip(timm_ids, image_sizes, activations, strict=True)]
         arch = official.get("arch_specifier", "no-align+gelu-mlp")
         if not arch.endswith("gelu-mlp") or arch.endswith("fused-gelu-mlp") != fused:
             raise ValueError(
@@ -539,9 +532,9 @@ def _vit_block_param_count(width: int, mlp_width: int, qkv_bias: bool, layer_sca
     return attention + mlp + norms + (2 * width if layer_scale else 0)
 
 
-def _timm_tower_config(timm_id: str, image_size: int, activation: str | None, timm_kwargs: dict) -> dict[str, Any]:
+def _timm_tower_config(timm_id: str, image_size: int, activation: str | None) -> dict[str, Any]:
     """transformers vision sub-config of an official timm tower (`timm.create_model(timm_id, img_size=image_size,
-    act_layer=activation, **timm_kwargs)`)."""
+    act_layer=activation)`)."""
     name = timm_id.split(".")[0]
     if name not in TIMM_VISION_TOWERS:
         raise NotImplementedError(
@@ -550,11 +543,7 @@ def _timm_tower_config(timm_id: str, image_size: int, activation: str | None, ti
         )
     if activation not in (None, "gelu"):
         raise NotImplementedError(f"timm_override_act_layers={activation!r} is not supported (only the exact GELU).")
-    unknown = set(timm_kwargs) - set(_TIMM_KWARGS)
-    if unknown:
-        raise ValueError(f"timm model kwargs {sorted(unknown)} of {timm_id!r} are not supported; known: {sorted(_TIMM_KWARGS)}.")
     tower = dict(TIMM_VISION_TOWERS[name])
-    tower.update({_TIMM_KWARGS[key]: value for key, value in timm_kwargs.items()})
     mlp_ratio = tower.pop("mlp_ratio")
     config = {
         "image_size": int(image_size),

@@ -375,6 +375,11 @@ def _vision_tower(config, layout: str) -> PreTrainedModel:
     return TIMM_LAYOUT_TOWERS[config.model_type]._from_config(config)
 
 
+def _is_loaded(parameter: torch.Tensor) -> bool:
+    """Whether `from_pretrained` filled `parameter` from a checkpoint (the flag `transformers.initialization` checks)."""
+    return getattr(parameter, "_is_hf_initialized", False)
+
+
 def sincos_1d_positions(positions: torch.Tensor, width: int, base: float = 10000.0) -> torch.Tensor:
     """Sine-cosine embeddings of 1-D `positions` `[N]`: `[N, width]` (sines then cosines of `width // 2` frequencies
     from 1 down to `1 / base` per unit; `width` even)."""
@@ -425,15 +430,6 @@ class OpenVLAConvStem(nn.Sequential):
         """The first convolution's weight: DINOv2's patch embedding casts the pixels to the dtype of `projection.weight`."""
         return self[0].weight
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """He initialisation (fan-in, ReLU gain) and zero biases, which keep the activations' scale through the stem;
-        the DINOv2 initialiser's std of 0.02 would shrink them about a thousandfold."""
-        for conv in self:
-            if isinstance(conv, nn.Conv2d):
-                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-                nn.init.zeros_(conv.bias)
-
 
 class OpenVLAVisionBackbone(nn.Module):
     """DINOv2 (optionally fused with SigLIP) patch features of one hidden layer, without CLS / register tokens.
@@ -451,25 +447,11 @@ class OpenVLAVisionBackbone(nn.Module):
             if config.fused_vision_config is not None
             else None
         )
-        if isinstance(self.featurizer, (Dinov2Model, Dinov2WithRegistersModel)):
-            self._start_with_sincos_positions(self.featurizer.embeddings.position_embeddings)
         if config.vision_stem != "patch":
             vision = config.vision_config
             self.featurizer.embeddings.patch_embeddings.projection = OpenVLAConvStem(
                 vision.num_channels, config.patch_size, vision.hidden_size
             )
-
-    @torch.no_grad()
-    def _start_with_sincos_positions(self, positions: nn.Parameter) -> None:
-        """A DINOv2 tower built from scratch starts with 2-D sine-cosine patch position embeddings (as MAE) instead of
-        random ones: the patch features then carry a clear position signal from the first step, and a model trained
-        from scratch learns where things are in the image far sooner. Pretrained weights loaded later replace them."""
-        if positions.device.type == "meta":
-            return
-        grid = int(round((positions.shape[1] - 1) ** 0.5))
-        table = sincos_2d_positions(grid, positions.shape[-1])
-        positions[0, 0].zero_()
-        positions[0, 1:].copy_(table.to(positions.dtype))
 
     def _patch_features(self, model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden_states = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
@@ -561,11 +543,16 @@ class OpenVLAPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved model. A local folder is checked first for `config.json` (unless `config=` is given) and
         safetensors weights, so that an incomplete folder (e.g. left by a run killed while saving) fails with the
-        missing file named, rather than loading a default-sized model or failing inside the Hub lookup."""
+        missing file named, rather than loading a default-sized model or failing inside the Hub lookup.
+
+        Hub kernels stay off unless `use_kernels=True` is passed: transformers would otherwise replace layers of a
+        model placed on a GPU with kernels downloaded from the Hub, which fails on a robot without internet access and
+        changes the numerics that make the loaded model match the official one."""
         needs = {"model.safetensors": (".safetensors", ".safetensors.index.json")}
         if kwargs.get("config") is None:
             needs["config.json"] = ("config.json",)
         check_saved_folder(pretrained_model_name_or_path, needs, kwargs.get("subfolder"))
+        kwargs.setdefault("use_kernels", False)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
@@ -580,6 +567,8 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: OpenVLAConfig):
         super().__init__(config)
+        self._action_tokenizer: ActionTokenizer | None = None
+        self._action_tokenizer_key: tuple | None = None
         self.vision_backbone = OpenVLAVisionBackbone(config)
         self.projector = OpenVLAProjector(
             config.vision_dim, config.hidden_dim, fused=config.fused_vision_config is not None
@@ -596,20 +585,49 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         )
         self.action_head = OpenVLAActionHead(config.hidden_dim) if config.action_head == "l1_regression" else None
         self.post_init()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise every weight that no checkpoint supplied: transformers' initialisation (each tower by its own
+        `_init_weights`), then the starts of a model trained from scratch, in this order:
+
+        1. DINOv2 patch position embeddings: 2-D sine-cosine (`_start_with_sincos_positions`);
+        2. the action tokens' input and output embeddings: ordinal (`_start_with_ordinal_action_embeddings`);
+        3. `vision_stem="coordconv"`: He initialisation of the stem (`_start_conv_stem`);
+        4. `weight_init="fan_in"`: every linear and convolution weight from N(0, 1 / fan_in) (`_start_with_fan_in_weights`).
+
+        transformers calls this hook when a model is built from its config (`post_init`) and, for the weights a
+        checkpoint lacks, in `from_pretrained`, so both start a weight alike; the `transformers.initialization`
+        functions used here leave loaded weights alone. These steps reach into the DINOv2 and Llama towers, whose
+        modules transformers initialises with the towers' own `_init_weights` (never this model's), and step 4 draws
+        over the whole model in one order, so they run here, after that, rather than per module in `_init_weights`.
+        """
+        super().initialize_weights()
+        self._start_with_sincos_positions()
         self._start_with_ordinal_action_embeddings()
         self._start_conv_stem()
         self._start_with_fan_in_weights()
 
-    @torch.no_grad()
+    def _start_with_sincos_positions(self) -> None:
+        """A DINOv2 tower (transformers layout) starts with 2-D sine-cosine patch position embeddings (as MAE) instead
+        of random ones, and a zero class-token position: the patch features then carry a clear position signal from
+        the first step, and a model trained from scratch learns where things are in the image far sooner."""
+        featurizer = self.vision_backbone.featurizer
+        if not isinstance(featurizer, (Dinov2Model, Dinov2WithRegistersModel)):
+            return
+        positions = featurizer.embeddings.position_embeddings
+        grid = int(round((positions.shape[1] - 1) ** 0.5))
+        table = F.pad(sincos_2d_positions(grid, positions.shape[-1]), (0, 0, 1, 0))  # row 0: the class token
+        init.copy_(positions, table.unsqueeze(0).to(positions.dtype))
+
     def _start_with_ordinal_action_embeddings(self) -> None:
-        """A model built from scratch starts with the input and output embeddings of the action tokens set to 1-D
-        sine-cosine embeddings of their bin index (frequencies from 1 down to `1 / num_action_bins` per bin, scaled to
-        the initializer's standard deviation, or to `1 / sqrt(width)` with `weight_init="fan_in"`), instead of random
-        ones: neighbouring bins start alike and far bins unlike, so a hidden state that moves a little moves the
-        predicted bin a little, and the 256-way classification starts out ordinal, as the action values are.
-        Pretrained weights loaded later replace them. Skipped for an odd decoder width."""
+        """The input and output embeddings of the action tokens start as 1-D sine-cosine embeddings of their bin index
+        (frequencies from 1 down to `1 / num_action_bins` per bin, scaled to the initializer's standard deviation, or
+        to `1 / sqrt(width)` with `weight_init="fan_in"`), instead of random ones: neighbouring bins start alike and
+        far bins unlike, so a hidden state that moves a little moves the predicted bin a little, and the 256-way
+        classification starts out ordinal, as the action values are. Skipped for an odd decoder width."""
         output_embeddings = self.get_output_embeddings().weight
-        if output_embeddings.device.type == "meta" or output_embeddings.shape[1] % 2:
+        if output_embeddings.shape[1] % 2:
             return
         tokenizer = self.action_tokenizer
         bins = torch.arange(self.config.num_action_bins - 1, -1, -1)  # token ids ascending = bins descending
@@ -618,28 +636,29 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         table = table * (std * 2**0.5)
         rows = slice(tokenizer.action_token_start, tokenizer.action_token_end)
         for embeddings in (output_embeddings, self.get_input_embeddings().weight):
-            embeddings[rows] = table.to(embeddings.dtype)
+            if not _is_loaded(embeddings):  # a slice loses the flag that `transformers.initialization` checks
+                embeddings[rows] = table.to(embeddings.dtype)
 
     def _start_conv_stem(self) -> None:
-        """`post_init` gives every convolution in the DINOv2 tower the tower's initialiser; a convolutional stem
-        (`vision_stem="coordconv"`) is started with its own He initialisation instead. Loaded weights
-        replace it."""
+        """A convolutional stem (`vision_stem="coordconv"`) starts with He initialisation (fan-in, ReLU gain) and zero
+        biases, which keep the activations' scale through the stem; the DINOv2 initialiser's std of 0.02, which
+        transformers gives every convolution of the tower, would shrink them about a thousandfold."""
         if self.config.vision_stem == "patch":
             return
-        stem = self.vision_backbone.featurizer.embeddings.patch_embeddings.projection
-        if stem.weight.device.type != "meta":
-            stem.reset_parameters()
+        for conv in self.vision_backbone.featurizer.embeddings.patch_embeddings.projection:
+            if isinstance(conv, nn.Conv2d):
+                init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                init.zeros_(conv.bias)
 
-    @torch.no_grad()
     def _start_with_fan_in_weights(self) -> None:
         """With `weight_init="fan_in"`, every linear and convolution weight but the LM head's starts from a normal with
-        std `1 / sqrt(fan_in)` (biases, norms and embeddings keep their start). Loaded weights replace it."""
+        std `1 / sqrt(fan_in)` (biases, norms and embeddings keep their start)."""
         if self.config.weight_init != "fan_in":
             return
         head = self.get_output_embeddings()
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and module is not head and module.weight.device.type != "meta":
-                nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and module is not head:
+                init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -655,7 +674,24 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
 
     @property
     def action_tokenizer(self) -> ActionTokenizer:
-        return ActionTokenizer.from_config(self.config)
+        """The `ActionTokenizer` of `config`'s action settings: built once, and again only after they change (e.g.
+        when fine-tuning adds a dataset's statistics to `config.norm_stats`)."""
+        config = self.config
+        # The tokenizer holds a shallow copy of `norm_stats`, so it keeps each dataset's statistics object alive (their
+        # ids stay theirs while it is cached) and sees changes inside them; a dataset added, removed or replaced
+        # changes the key.
+        key = (
+            config.num_action_bins,
+            config.action_token_end,
+            config.action_min,
+            config.action_max,
+            config.action_binning,
+            tuple((name, id(stats)) for name, stats in (config.norm_stats or {}).items()),
+        )
+        if self._action_tokenizer_key != key:
+            self._action_tokenizer = ActionTokenizer.from_config(config)
+            self._action_tokenizer_key = key
+        return self._action_tokenizer
 
     @property
     def num_action_tokens(self) -> int:
@@ -752,13 +788,16 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         return F.linear(hidden_states, weight, bias)
 
     def _parallel_inputs(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.LongTensor | None
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.LongTensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write the action queries over the action tokens (training) or append them (inference).
+        """Write the action queries over the action tokens (training) or append them (inference); a missing
+        `attention_mask` means no padding.
 
         Returns the embeddings, the 2D attention mask, and a boolean `[batch, seq]` mask of the query positions.
         """
         batch_size = inputs_embeds.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         queries = self.action_queries.weight.to(inputs_embeds.dtype)
         if labels is not None:
             query_mask = self._action_positions(labels)
@@ -822,55 +861,40 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        parallel = self.config.action_decoding == "parallel"
+
+        # 1. Embed the sequence: token embeddings, the image placeholders replaced by projected patch features
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
-        parallel = self.config.action_decoding == "parallel"
+
+        # 2. Parallel decoding: the action queries take the action tokens' places (training) or follow the prompt
+        query_mask = None
         if parallel:
-            if attention_mask is None:
-                attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
             inputs_embeds, attention_mask, query_mask = self._parallel_inputs(inputs_embeds, attention_mask, labels)
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
-        decoder_mask = (
-            self._parallel_attention_mask(inputs_embeds, attention_mask, position_ids, query_mask) if parallel else attention_mask
-        )
+
+        # 3. Run the decoder: causal, or in parallel decoding bidirectional among the action queries
+        if parallel:
+            attention_mask = self._parallel_attention_mask(inputs_embeds, attention_mask, position_ids, query_mask)
         outputs = self.language_model.model(
             inputs_embeds=inputs_embeds,
-            attention_mask=decoder_mask,
+            attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache and not parallel,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        logits = None
-        if logits_to_keep is not None or not (self.training and labels is not None):
-            kept = hidden_states if logits_to_keep is None else slice_logits_to_keep(hidden_states, logits_to_keep)
-            logits = self.language_model.lm_head(kept)
 
-        action_logits = loss = None
-        batch_size = hidden_states.shape[0]
-        if parallel:
-            action_hidden = hidden_states[query_mask].view(batch_size, self.num_action_tokens, -1)
-        elif labels is not None:
-            predicts_action = self._action_positions(labels)[:, 1:]
-            action_hidden = hidden_states[:, :-1][predicts_action].view(batch_size, self.num_action_tokens, -1)
-        normalized_actions = None
+        # 4. Language-model logits (skipped in training with labels unless `logits_to_keep` asks for them)
+        logits = self._language_logits(hidden_states, labels, logits_to_keep)
+
+        # 5. Action head over the hidden states that predict the actions, and its loss against the labels
+        action_logits = normalized_actions = loss = None
         if parallel or labels is not None:
-            if labels is not None:
-                target_bins = self.action_tokenizer.token_ids_to_bins(labels[labels != IGNORE_INDEX])
-                target_bins = target_bins.view(batch_size, self.num_action_tokens)
-            if self.action_head is not None:
-                normalized_actions = self.action_head(action_hidden)
-                if labels is not None:
-                    target = self.action_tokenizer.bins_to_normalized_actions(target_bins)
-                    loss = regression_loss(normalized_actions, target, num_items_in_batch)
-                normalized_actions = self._chunked(normalized_actions)
-            else:
-                action_logits = self._bin_logits(action_hidden)
-                if labels is not None:
-                    loss = vla_loss(action_logits, target_bins, num_items_in_batch)
-                action_logits = self._chunked(action_logits)
+            action_hidden = self._action_hidden_states(hidden_states, labels, query_mask)
+            action_logits, normalized_actions, loss = self._predict_actions(action_hidden, labels, num_items_in_batch)
         return OpenVLAOutput(
             loss=loss,
             logits=logits,
@@ -880,6 +904,62 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _language_logits(
+        self, hidden_states: torch.Tensor, labels: torch.LongTensor | None, logits_to_keep: int | torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """LM-head logits `[batch, kept, vocab_size]` of the positions `logits_to_keep` selects (`None`: all), or `None`
+        in training mode with `labels` and no `logits_to_keep` (the loss needs only the action logits)."""
+        if logits_to_keep is None and self.training and labels is not None:
+            return None
+        kept = hidden_states if logits_to_keep is None else slice_logits_to_keep(hidden_states, logits_to_keep)
+        return self.language_model.lm_head(kept)
+
+    def _action_hidden_states(
+        self, hidden_states: torch.Tensor, labels: torch.LongTensor | None, query_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Decoder hidden states `[batch, seq, hidden]` -> those that predict the action tokens
+        `[batch, num_action_tokens, hidden]`: the action queries' (parallel decoding, `query_mask`), or else each
+        supervised action token's predecessor's (autoregressive decoding, `labels`)."""
+        batch_size = hidden_states.shape[0]
+        if query_mask is not None:
+            return hidden_states[query_mask].view(batch_size, self.num_action_tokens, -1)
+        predicts_action = self._action_positions(labels)[:, 1:]
+        return hidden_states[:, :-1][predicts_action].view(batch_size, self.num_action_tokens, -1)
+
+    def _predict_actions(
+        self,
+        action_hidden: torch.Tensor,
+        labels: torch.LongTensor | None,
+        num_items_in_batch: int | torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The action head over `action_hidden` `[batch, num_action_tokens, hidden]`.
+
+        Returns:
+            `(action_logits, normalized_actions, loss)`: the bins' logits `[batch, action_dim, num_action_bins]`
+            (`action_head="tokens"`) or the continuous actions `[batch, action_dim]` (`action_head="l1_regression"`),
+            the other `None`, each with a chunk dimension after `batch` for action chunks; the loss if `labels` are
+            given, else `None`.
+        """
+        if self.action_head is not None:
+            predictions = self.action_head(action_hidden)
+        else:
+            predictions = self._bin_logits(action_hidden)
+        loss = None if labels is None else self._action_loss(predictions, labels, num_items_in_batch)
+        predictions = self._chunked(predictions)
+        return (None, predictions, loss) if self.action_head is not None else (predictions, None, loss)
+
+    def _action_loss(
+        self, predictions: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None
+    ) -> torch.Tensor:
+        """`vla_loss` of the bins' logits `[batch, num_action_tokens, num_action_bins]`, or with
+        `action_head="l1_regression"` `regression_loss` of the actions `[batch, num_action_tokens]`, against the
+        action tokens of `labels`."""
+        tokenizer = self.action_tokenizer
+        target_bins = tokenizer.token_ids_to_bins(labels[labels != IGNORE_INDEX]).view(labels.shape[0], self.num_action_tokens)
+        if self.action_head is not None:
+            return regression_loss(predictions, tokenizer.bins_to_normalized_actions(target_bins), num_items_in_batch)
+        return vla_loss(predictions, target_bins, num_items_in_batch)
 
     def _chunked(self, values: torch.Tensor) -> torch.Tensor:
         """`[batch, chunk * action_dim, ...]` -> `[batch, action_dim, ...]`, or `[batch, chunk, action_dim, ...]`."""
@@ -919,9 +999,10 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tokenizer = self.action_tokenizer
+        # No min_new_tokens: `ActionTokenRange` already keeps EOS (not an action token) from being generated, and its
+        # logits processors would scan the whole vocabulary for EOS at every step. The step count is checked below.
         generation_config = GenerationConfig(
             max_new_tokens=self.num_action_tokens,
-            min_new_tokens=self.num_action_tokens,
             do_sample=False,
             num_beams=1,
             use_cache=True,
@@ -938,6 +1019,12 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             generation_config=generation_config,
             logits_processor=LogitsProcessorList([ActionTokenRange(tokenizer.action_token_start, tokenizer.action_token_end)]),
         )
+        if len(generated.logits) != self.num_action_tokens:
+            raise ValueError(
+                f"generate() stopped after {len(generated.logits)} of {self.num_action_tokens} action tokens: the EOS id "
+                f"{self.generation_config.eos_token_id} lies among the action tokens [{tokenizer.action_token_start}, "
+                f"{tokenizer.action_token_end}); give the model's generation_config an EOS id outside them."
+            )
         step_logits = torch.stack(generated.logits, dim=1)
         return self._chunked(step_logits[..., tokenizer.action_token_start : tokenizer.action_token_end].flip(-1))
 
@@ -968,51 +1055,41 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         return tokenizer.bins_to_actions(bins, unnorm_key)
 
 
-class OpenVLAPolicy:
-    """Closed-loop control with an OpenVLA model: one action per environment step, from a queue of planned actions.
+class ActionQueuePolicy:
+    """Closed-loop control from action chunks: one action per environment step, from a queue of planned actions.
 
-    The model is queried ("re-plans") only when an environment's queue is empty. One `predict_action` call yields a
-    chunk of `action_chunk_size` actions (parallel decoding with chunks) or a single action (otherwise); the first
-    `n_action_steps` of them are queued and executed open-loop, one per call, before the next query, as LeRobot
-    policies do with `select_action`. Several environments stepped together (`select_actions`) share one batched
-    model call per re-plan and keep one queue each.
+    The planner ("re-planning") is called only when an environment's queue is empty. One plan is a chunk of
+    `chunk_size` actions; the first `n_action_steps` of them are queued and executed open-loop, one per call, before the
+    next plan, as LeRobot policies do with `select_action`. Several environments stepped together (`select_actions`)
+    share one batched planner call per re-plan and keep one queue each.
 
-    With `temporal_ensemble_coeff` (ACT's temporal ensembling, Zhao et al. 2023) the model is queried at every step
-    instead, and the action executed is the weighted mean of what the last `action_chunk_size` chunks predicted for
-    this step: weight `exp(-temporal_ensemble_coeff * i)` for the `i`-th oldest prediction, so 0 is a plain mean, a
-    positive value favours the older predictions and a negative one the newer.
+    With `temporal_ensemble_coeff` (ACT's temporal ensembling, Zhao et al. 2023) the planner is called at every step
+    instead, and the action executed is the weighted mean of what the last `chunk_size` chunks predicted for this
+    step: weight `exp(-temporal_ensemble_coeff * i)` for the `i`-th oldest prediction, so 0 is a plain mean, a positive
+    value favours the older predictions and a negative one the newer.
 
     A new instruction re-plans at once: when an environment's instruction differs from the one its queued actions
-    (or ensembled chunks) were planned for, that queue is dropped and the model queried for the new instruction, so
-    no step executes the old plan. The other environments keep their queues.
+    (or ensembled chunks) were planned for, that queue is dropped and a plan made for the new instruction, so no step
+    executes the old plan. The other environments keep their queues.
+
+    This is the batched policy interface the evaluation loops step (`reset`, `drop`, `select_actions`). Subclasses
+    implement `_plan`: `OpenVLAPolicy` calls a local model, `openvla_tools.remote_policy.RemotePolicy` a served one.
 
     Args:
-        model: an `OpenVLAForActionPrediction` (put it in eval mode and on its device first).
-        processor: the model's `OpenVLAProcessor`; its `norm_stats`, if any, must equal the model's.
-        unnorm_key: dataset whose statistics unnormalise the actions (see `predict_action`); checked here.
-        n_action_steps: actions executed per model query, in `1..action_chunk_size`; defaults to `action_chunk_size`,
-            or to 1 with `temporal_ensemble_coeff`.
+        chunk_size: actions one plan holds (the model's `action_chunk_size`).
+        action_dim: values per action.
+        n_action_steps: actions executed per plan, in `1..chunk_size`; defaults to `chunk_size`, or to 1 with
+            `temporal_ensemble_coeff`.
         temporal_ensemble_coeff: if set, a finite float: average overlapping chunks as described above.
-
-    Example:
-        ```python
-        policy = OpenVLAPolicy(model, processor, unnorm_key="my_robot")
-        policy.reset()
-        for _ in range(max_steps):
-            action = policy.select_action(env.render(), "pick up the red block")  # [action_dim]
-            env.step(action)
-        ```
     """
 
     def __init__(
         self,
-        model: OpenVLAForActionPrediction,
-        processor,
-        unnorm_key: str | None = None,
+        chunk_size: int,
+        action_dim: int,
         n_action_steps: int | None = None,
         temporal_ensemble_coeff: float | None = None,
     ):
-        chunk_size = model.config.action_chunk_size
         if temporal_ensemble_coeff is not None:
             if isinstance(temporal_ensemble_coeff, bool) or not isinstance(temporal_ensemble_coeff, (int, float)) or (
                 not math.isfinite(temporal_ensemble_coeff)
@@ -1029,13 +1106,10 @@ class OpenVLAPolicy:
         if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int) or not 1 <= n_action_steps <= chunk_size:
             raise ValueError(
                 f"n_action_steps={n_action_steps!r} must be an integer from 1 to {chunk_size}: the model predicts "
-                f"action_chunk_size={chunk_size} action(s) per call (action_decoding={model.config.action_decoding!r})."
+                f"action_chunk_size={chunk_size} action(s) per call."
             )
-        model.action_tokenizer.stats_for(unnorm_key)  # unknown or ambiguous keys fail now, not mid-episode
-        check_same_norm_stats(model.config.norm_stats, getattr(processor, "norm_stats", None) or {})
-        self.model = model
-        self.processor = processor
-        self.unnorm_key = unnorm_key
+        self.chunk_size = chunk_size
+        self.action_dim = action_dim
         self.n_action_steps = n_action_steps
         self.temporal_ensemble_coeff = temporal_ensemble_coeff
         # One deque per environment: the actions still to execute, or with temporal ensembling the last chunks; and
@@ -1043,30 +1117,34 @@ class OpenVLAPolicy:
         self._queues: list[deque] = []
         self._instructions: list[str] = []
 
-    @property
-    def chunk_size(self) -> int:
-        """Actions the model predicts per call: `action_chunk_size`."""
-        return self.model.config.action_chunk_size
-
-    @property
-    def action_dim(self) -> int:
-        return self.model.config.action_dim
+    def _env_ids(self, env_ids: int | Sequence[int]) -> list[int]:
+        env_ids = [env_ids] if isinstance(env_ids, int) else list(env_ids)
+        for env_id in env_ids:
+            if not 0 <= env_id < len(self._queues):
+                raise ValueError(f"env_id={env_id} is not one of the {len(self._queues)} environments of this policy.")
+        return env_ids
 
     def reset(self, env_ids: int | Sequence[int] | None = None) -> None:
         """Empty the action queues, so that the next call re-plans: all of them (start of an episode), or only those
-        of the environments `env_ids` (episodes that ended while others go on)."""
+        of the environments `env_ids` (episodes that ended while others go on, and start again in the same slots)."""
         if env_ids is None:
             self._queues = []
             self._instructions = []
             return
-        for env_id in [env_ids] if isinstance(env_ids, int) else env_ids:
-            if not 0 <= env_id < len(self._queues):
-                raise ValueError(f"env_id={env_id} is not one of the {len(self._queues)} environments of this policy.")
+        for env_id in self._env_ids(env_ids):
             self._queues[env_id].clear()
+
+    def drop(self, env_ids: int | Sequence[int]) -> None:
+        """Forget the environments `env_ids`, whose episodes ended and which leave the batch: the others keep their
+        queues, in their order, and are the environments of the next `select_actions` call."""
+        dropped = set(self._env_ids(env_ids))
+        kept = [env_id for env_id in range(len(self._queues)) if env_id not in dropped]
+        self._queues = [self._queues[env_id] for env_id in kept]
+        self._instructions = [self._instructions[env_id] for env_id in kept]
 
     def select_action(self, image, instruction: str) -> np.ndarray:
         """One environment: an image (PIL, numpy `[H, W, C]` or torch `[C, H, W]`) and its instruction -> the next
-        action, float32 `[action_dim]` (unnormalised with `unnorm_key`)."""
+        action, float32 `[action_dim]`."""
         if isinstance(image, (list, tuple)) or (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4):
             raise ValueError(
                 f"select_action takes one image, got {len(image)}; step several environments with select_actions "
@@ -1074,10 +1152,13 @@ class OpenVLAPolicy:
             )
         return self.select_actions([image], [instruction])[0]
 
-    def select_actions(self, images: Sequence, instructions: str | Sequence[str]) -> np.ndarray:
+    def select_actions(
+        self, images: Sequence, instructions: str | Sequence[str], observations: Sequence | None = None
+    ) -> np.ndarray:
         """`B` environments stepped together: `B` images and `B` instructions (or one for all) -> the next action of
         each, float32 `[B, action_dim]`. Environments whose queue is empty, or whose instruction changed, are
-        re-planned in one batched model call."""
+        re-planned in one batched call. `observations` (other readings of the environments, such as a robot's state)
+        is accepted so that evaluation loops can step any policy alike; plans read the images and instructions only."""
         images = as_image_list(images)
         instructions = [instructions] * len(images) if isinstance(instructions, str) else list(instructions)
         if len(instructions) != len(images):
@@ -1095,7 +1176,7 @@ class OpenVLAPolicy:
         elif len(self._queues) != len(images):
             raise ValueError(
                 f"Got {len(images)} environments but the policy holds action queues for {len(self._queues)}; call "
-                "reset() when the number of environments changes."
+                "reset() when the number of environments changes, or drop() the environments that left."
             )
         for env_id, instruction in enumerate(instructions):
             if instruction != self._instructions[env_id]:
@@ -1123,6 +1204,50 @@ class OpenVLAPolicy:
         return (weights @ predictions / weights.sum()).astype(np.float32)
 
     def _plan(self, images: list, instructions: list[str]) -> np.ndarray:
+        """`B` images and instructions -> float32 `[B, chunk_size, action_dim]`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _plan(images, instructions).")
+
+
+class OpenVLAPolicy(ActionQueuePolicy):
+    """Closed-loop control with an OpenVLA model: `ActionQueuePolicy` whose plans are `predict_action` calls.
+
+    One `predict_action` call yields a chunk of `action_chunk_size` actions (parallel decoding with chunks) or a single
+    action (otherwise), unnormalised with `unnorm_key`; `ActionQueuePolicy` says how chunks are queued or ensembled.
+
+    Args:
+        model: an `OpenVLAForActionPrediction` (put it in eval mode and on its device first).
+        processor: the model's `OpenVLAProcessor`; its `norm_stats`, if any, must equal the model's.
+        unnorm_key: dataset whose statistics unnormalise the actions (see `predict_action`); checked here.
+        n_action_steps: actions executed per model query, in `1..action_chunk_size`; defaults to `action_chunk_size`,
+            or to 1 with `temporal_ensemble_coeff`.
+        temporal_ensemble_coeff: if set, a finite float: average overlapping chunks (see `ActionQueuePolicy`).
+
+    Example:
+        ```python
+        policy = OpenVLAPolicy(model, processor, unnorm_key="my_robot")
+        policy.reset()
+        for _ in range(max_steps):
+            action = policy.select_action(env.render(), "pick up the red block")  # [action_dim]
+            env.step(action)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: OpenVLAForActionPrediction,
+        processor,
+        unnorm_key: str | None = None,
+        n_action_steps: int | None = None,
+        temporal_ensemble_coeff: float | None = None,
+    ):
+        super().__init__(model.config.action_chunk_size, model.config.action_dim, n_action_steps, temporal_ensemble_coeff)
+        model.action_tokenizer.stats_for(unnorm_key)  # unknown or ambiguous keys fail now, not mid-episode
+        check_same_norm_stats(model.config.norm_stats, getattr(processor, "norm_stats", None) or {})
+        self.model = model
+        self.processor = processor
+        self.unnorm_key = unnorm_key
+
+    def _plan(self, images: list, instructions: list[str]) -> np.ndarray:
         """One `predict_action` call -> float32 `[B, chunk_size, action_dim]` (`chunk_size` 1 without chunks)."""
         inputs = self.processor(images=images, text=instructions).to(self.model.device)
         actions = self.model.predict_action(**inputs, unnorm_key=self.unnorm_key)
@@ -1133,4 +1258,4 @@ class OpenVLAPolicy:
 OpenVLAConfig.register_for_auto_class()
 OpenVLAForActionPrediction.register_for_auto_class("AutoModel")
 
-__all__ = ["OpenVLAForActionPrediction", "OpenVLAPolicy", "OpenVLAPreTrainedModel", "regression_loss", "vla_loss"]
+__all__ = ["ActionQueuePolicy", "OpenVLAForActionPrediction", "OpenVLAPolicy", "OpenVLAPreTrainedModel", "regression_loss", "vla_loss"]

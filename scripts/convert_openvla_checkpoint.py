@@ -45,7 +45,7 @@ from transformers import AutoModel, AutoProcessor
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction
 from openvla_tools.model_card import write_model_card
-from openvla_tools.official_format import export_official
+from openvla_tools.official_format import export_official, official_folder_config
 from processing_openvla import OpenVLAProcessor
 
 MODULES = ("configuration_openvla.py", "modeling_openvla.py", "processing_openvla.py")
@@ -56,7 +56,7 @@ VERIFY_INSTRUCTIONS = ("pick up the red block", "open the drawer", "put the cup 
 
 def convert(src: str, dst: Path, dtype: str = "auto", max_shard_size: str = "5GB", base_model: str | None = None) -> Path:
     """Load the official checkpoint `src` and write the native folder `dst`; returns `dst`."""
-    model = OpenVLAForActionPrediction.from_pretrained(src, dtype=DTYPES[dtype])
+    model = OpenVLAForActionPrediction.from_pretrained(src, config=official_folder_config(src), dtype=DTYPES[dtype])
     processor = OpenVLAProcessor.from_pretrained(src)
     if model.config.vision_layout != "timm":
         print(f"note: {src} is not an official (Prismatic) checkpoint; it is re-saved as it is.")
@@ -100,7 +100,7 @@ def _load(folder: str | Path, official: bool, dtype: str):
     """Model and processor of `folder`: an official folder through this project's classes (its `auto_map` names the
     official remote code), one of ours through the Auto classes and the folder's remote code."""
     if official:
-        model = OpenVLAForActionPrediction.from_pretrained(folder, dtype=DTYPES[dtype])
+        model = OpenVLAForActionPrediction.from_pretrained(folder, config=official_folder_config(folder), dtype=DTYPES[dtype])
         return model.eval(), OpenVLAProcessor.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=DTYPES[dtype])
     return model.eval(), AutoProcessor.from_pretrained(folder, trust_remote_code=True)

@@ -19,8 +19,10 @@ Two public entry points:
 
 Only non-official field written to ``config.json``: ``test_timm_model_kwargs`` (one dict per vision tower with the
 tiny ``embed_dim``/``depth``/``num_heads`` that override the architecture implied by ``timm_model_ids``).  Real
-checkpoints never contain it; ``timm_model_ids`` keep their official values so that the code under test sees the
-same identifiers as for ``openvla/openvla-7b``.
+checkpoints never contain it and the library does not read it: :func:`load_official` loads a folder with the config
+that ``openvla_tools.official_format.official_folder_config`` (the converter's reader) builds from it.
+``timm_model_ids`` keep their official values so that the code under test sees the same identifiers as for
+``openvla/openvla-7b``.
 """
 
 from __future__ import annotations
@@ -542,6 +544,16 @@ def make_official_checkpoint(
         "state_dict_keys": keys,
         "num_parameters": int(sum(t.numel() for t in state_dict.values())),
     }
+
+
+def load_official(path: str | Path):
+    """`OpenVLAForActionPrediction` of a tiny official folder, in eval mode, loaded as `convert_openvla_checkpoint.py`
+    loads one: its `test_timm_model_kwargs` tower sizes are read by `official_format.official_folder_config` (the
+    library builds the timm model ids' full sizes). The one helper here that uses the package under test."""
+    from modeling_openvla import OpenVLAForActionPrediction
+    from openvla_tools.official_format import official_folder_config
+
+    return OpenVLAForActionPrediction.from_pretrained(path, config=official_folder_config(path)).eval()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -95,3 +95,19 @@ def test_auto_classes_load_offline_in_a_fresh_process(tokenizer, processor, tmp_
 def test_own_classes_load_a_saved_folder_without_remote_code(tokenizer, processor, tmp_path):
     folder, expected = _saved_folder(tokenizer, processor, tmp_path)
     assert_equal_up_to_float_rounding(_predict_in_fresh_process(LOAD_DIRECT_AND_PREDICT, folder, tmp_path), expected)
+
+
+def test_hub_kernels_stay_off_unless_asked(tokenizer, tmp_path, monkeypatch):
+    """transformers replaces the layers of a model loaded onto a GPU with kernels fetched from the Hub by default; that
+    fails offline (seen on an H200: 'kernels-community/activation ... not available in the local cache') and changes
+    the numerics. Loading keeps them off unless `use_kernels=True` is passed."""
+    from transformers import PreTrainedModel
+
+    from modeling_openvla import OpenVLAForActionPrediction
+
+    make_model(tokenizer).save_pretrained(tmp_path)
+    requested = []
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", lambda self, use_kernels, *args, **kwargs: requested.append(use_kernels))
+    assert not OpenVLAForActionPrediction.from_pretrained(tmp_path).use_kernels
+    OpenVLAForActionPrediction.from_pretrained(tmp_path, use_kernels=True)
+    assert requested == [False, True]

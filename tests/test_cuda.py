@@ -83,7 +83,7 @@ def test_a_lora_step_in_bf16_lowers_the_loss(tokenizer):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_the_finetune_program_trains_on_the_gpu_in_bf16(tmp_path):

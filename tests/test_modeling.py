@@ -285,6 +285,64 @@ def test_conv_stem_keeps_the_patch_grid_starts_with_he_init_and_round_trips(toke
         assert_equal_up_to_float_rounding(reloaded(**batch).logits, model(**batch).logits)
 
 
+# Weights left out of a checkpoint in the test below: one of each start that `initialize_weights` gives.
+LEFT_OUT = {
+    "vision_backbone.featurizer.embeddings.position_embeddings": "sine-cosine",
+    "vision_backbone.featurizer.embeddings.patch_embeddings.projection.0.weight": "random",
+    "vision_backbone.featurizer.embeddings.patch_embeddings.projection.0.bias": "zero",
+    "vision_backbone.featurizer.encoder.layer.0.attention.q_proj.weight": "random",
+    "projector.fc1.weight": "random",
+    "language_model.model.layers.0.mlp.gate_proj.weight": "random",
+    "language_model.model.embed_tokens.weight": "random except the ordinal action rows",
+    "language_model.lm_head.weight": "random except the ordinal action rows",
+}
+
+
+@pytest.mark.parametrize("weight_init", ["standard", "fan_in"])
+def test_weights_a_checkpoint_lacks_start_as_in_a_model_built_from_config(tokenizer, tmp_path, weight_init):
+    """`from_pretrained` starts the weights a checkpoint lacks with the same rules as a model built from its config
+    (the coordconv stem's He initialisation, `fan_in`, sine-cosine positions, ordinal action rows), and leaves every
+    loaded weight as saved."""
+    from safetensors.torch import load_file, save_file
+
+    built = make_model(tokenizer, weight_init=weight_init, **COORDCONV_STEM)
+    built.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert set(LEFT_OUT) <= set(weights)
+    save_file({name: value for name, value in weights.items() if name not in LEFT_OUT}, tmp_path / "model.safetensors", {"format": "pt"})
+    torch.manual_seed(1)
+    loaded = OpenVLAForActionPrediction.from_pretrained(tmp_path).state_dict()
+    expected = built.state_dict()
+    assert all(torch.equal(loaded[name], expected[name]) for name in expected if name not in LEFT_OUT)
+    action_tokenizer = built.action_tokenizer
+    action_rows = torch.zeros(len(tokenizer), dtype=torch.bool)
+    action_rows[action_tokenizer.action_token_start : action_tokenizer.action_token_end] = True
+    for name, start in LEFT_OUT.items():
+        if start in ("sine-cosine", "zero"):
+            assert torch.equal(loaded[name], expected[name]), name
+            continue
+        rows = ~action_rows if start.endswith("rows") else slice(None)
+        if start.endswith("rows"):
+            assert torch.equal(loaded[name][action_rows], expected[name][action_rows]), name
+        ratio = (loaded[name][rows].std() / expected[name][rows].std()).item()
+        assert 0.9 < ratio < 1.1 and not torch.equal(loaded[name], expected[name]), (name, ratio)
+
+
+def test_action_tokenizer_is_built_once_and_follows_the_config(tokenizer):
+    model = make_model(tokenizer)
+    action_tokenizer = model.action_tokenizer
+    assert model.action_tokenizer is action_tokenizer
+    stats = {"a": compute_action_stats(np.eye(7)), "b": compute_action_stats(2 * np.eye(7))}
+    model.config.norm_stats = {"a": stats["a"]}  # fine-tuning sets the statistics of its dataset
+    assert model.action_tokenizer is not action_tokenizer and model.action_tokenizer.norm_stats == {"a": stats["a"]}
+    model.config.norm_stats["b"] = stats["b"]
+    assert model.action_tokenizer.norm_stats == stats
+    model.config.norm_stats["b"] = stats["a"]
+    assert model.action_tokenizer.norm_stats == {"a": stats["a"], "b": stats["a"]}
+    model.config.num_action_bins = 128
+    assert model.action_tokenizer.num_action_bins == 128
+
+
 @pytest.mark.parametrize("stem, sees_where", [({"patch_size": 8}, False), (COORDCONV_STEM, True)], ids=["patch", "coordconv"])
 def test_only_the_coordconv_stem_tells_apart_places_of_a_uniform_image(tokenizer, stem, sees_where):
     """A patch embedding is translation invariant, so every interior cell of a uniform image gets the same feature;
@@ -319,3 +377,14 @@ def test_actions_that_only_the_image_explains_are_learned(tokenizer, stem):
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 1.5
+
+
+def test_autoregressive_decoding_refuses_an_eos_among_the_action_tokens(tokenizer):
+    """Generation may not stop before every action token: an EOS id that is an action token raises, never a short action."""
+    model = make_model(tokenizer)
+    processor = make_processor(tokenizer)
+    inputs = processor(images=random_images(1), text=[INSTRUCTIONS[0]])
+    tokenizer_ = model.action_tokenizer
+    model.generation_config.eos_token_id = list(range(tokenizer_.action_token_start, tokenizer_.action_token_end))
+    with pytest.raises(ValueError, match="stopped after 1 of"):
+        model.predict_action(**inputs)

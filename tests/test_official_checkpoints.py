@@ -16,6 +16,7 @@ import torch
 from conftest import REPO
 from official_fixtures import (
     _patch_layerscale,
+    load_official,
     load_official_state_dict,
     make_official_checkpoint,
     make_test_image,
@@ -28,6 +29,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from configuration_openvla import OFFICIAL_CONFIG_KEYS, OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction, OpenVLATimmDinov2Model, OpenVLATimmSiglipVisionModel
+from openvla_tools.official_format import official_folder_config
 from processing_openvla import ActionTokenizer, OpenVLAImageProcessor, OpenVLAProcessor, detokenize_actions
 
 INSTRUCTION = "pick up the red block"
@@ -60,9 +62,10 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(checkpoints):
-    """Model and processor loaded directly from each official folder."""
+    """Model and processor loaded directly from each official folder (its tiny tower sizes read by
+    `official_folder_config`, as `convert_openvla_checkpoint.py` reads them)."""
     return {
-        name: (OpenVLAForActionPrediction.from_pretrained(info["path"]).eval(), OpenVLAProcessor.from_pretrained(info["path"]))
+        name: (load_official(info["path"]), OpenVLAProcessor.from_pretrained(info["path"]))
         for name, info in checkpoints.items()
     }
 
@@ -78,7 +81,7 @@ def _greedy_tokens(model, inputs) -> torch.Tensor:
 def test_official_config_maps_onto_ours(checkpoints, variant):
     info = checkpoints[variant]
     official = json.loads((info["path"] / "config.json").read_text())
-    config = OpenVLAConfig.from_pretrained(info["path"])
+    config = official_folder_config(info["path"])
     towers = [config.vision_config] + ([config.fused_vision_config] if config.fused_vision_config is not None else [])
     expected_types = {"fused": ["dinov2_with_registers", "siglip_vision_model"], "dinov2": ["dinov2_with_registers"], "siglip": ["siglip_vision_model"]}
     assert [tower.model_type for tower in towers] == expected_types[variant]
@@ -117,7 +120,7 @@ def test_unsupported_official_configs_raise(checkpoints):
 def test_weights_load_with_the_registered_conversions_and_revert_exactly(loaded, checkpoints, variant, tmp_path):
     model, _ = loaded[variant]
     info = checkpoints[variant]
-    _, loading_info = OpenVLAForActionPrediction.from_pretrained(info["path"], output_loading_info=True)
+    _, loading_info = OpenVLAForActionPrediction.from_pretrained(info["path"], config=official_folder_config(info["path"]), output_loading_info=True)
     assert not any(loading_info.values()), loading_info  # no missing, unexpected or mismatched keys
     assert isinstance(model.vision_backbone.featurizer, (OpenVLATimmDinov2Model, OpenVLATimmSiglipVisionModel))
     assert sum(p.numel() for p in model.parameters()) == info["num_parameters"]

@@ -17,6 +17,7 @@ import torch
 from conftest import REPO, assert_equal_up_to_float_rounding
 from official_fixtures import (
     OFFICIAL_CODE_FILES,
+    load_official,
     load_official_state_dict,
     make_official_checkpoint,
     make_test_image,
@@ -29,7 +30,7 @@ from transformers import AutoProcessor
 
 from configuration_openvla import OPENVLA_7B_OFFICIAL_CONFIG, OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction
-from openvla_tools.official_format import check_round_trip, export_official, official_config
+from openvla_tools.official_format import check_round_trip, export_official, official_config, official_folder_config
 from processing_openvla import OpenVLAImageProcessor, OpenVLAProcessor, compute_action_stats
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -97,7 +98,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     info = make_official_checkpoint(root / "official", sharded=True)
     code = write_official_code_stand_ins(root / "official_code")
-    model = OpenVLAForActionPrediction.from_pretrained(info["path"]).eval()
+    model = load_official(info["path"])
     processor = OpenVLAProcessor.from_pretrained(info["path"])
     _save(_fine_tune_with_lora(model, processor), processor, root / "finetuned")
     result = _run_program("--to", "official", "--src", root / "finetuned", "--dst", root / "exported",
@@ -116,7 +117,7 @@ def _actions_and_logits(model, processor, keys=(*OLD_KEYS, NEW_KEY)) -> tuple[di
 def test_fine_tuned_model_round_trips_exactly_through_the_official_format(folders):
     assert '"verified": true' in folders["stdout"] and f"unnorm_key={NEW_KEY}: identical" in folders["stdout"]
     finetuned = OpenVLAForActionPrediction.from_pretrained(folders["finetuned"]).eval()
-    exported = OpenVLAForActionPrediction.from_pretrained(folders["exported"]).eval()  # this project's official-folder path
+    exported = load_official(folders["exported"])  # this project's official-folder path
     before, before_logits = _actions_and_logits(finetuned, AutoProcessor.from_pretrained(folders["finetuned"], trust_remote_code=True))
     after, after_logits = _actions_and_logits(exported, OpenVLAProcessor.from_pretrained(folders["exported"]))
     assert_equal_up_to_float_rounding(after_logits, before_logits)  # weights elsewhere in memory (see conftest)
@@ -124,7 +125,7 @@ def test_fine_tuned_model_round_trips_exactly_through_the_official_format(folder
         assert np.array_equal(before[key], after[key]), key
     assert not np.array_equal(after[NEW_KEY], after[OLD_KEYS[0]])
     # the export carries the fine-tuned weights, not the official ones
-    original = OpenVLAForActionPrediction.from_pretrained(folders["info"]["path"]).eval()
+    original = load_official(folders["info"]["path"])
     _, original_logits = _actions_and_logits(original, OpenVLAProcessor.from_pretrained(folders["info"]["path"]), keys=())
     assert not torch.allclose(original_logits, after_logits, atol=1e-3)
 
@@ -152,7 +153,7 @@ def test_exported_folder_has_the_official_layout(folders):
 
 def test_export_of_an_unchanged_official_checkpoint_gives_back_its_files(folders, tmp_path):
     info = make_official_checkpoint(tmp_path / "official", fused=False, single_backbone="siglip-vit-so400m", image_resize_strategy="letterbox")
-    _save(OpenVLAForActionPrediction.from_pretrained(info["path"]), OpenVLAProcessor.from_pretrained(info["path"]), tmp_path / "ours")
+    _save(load_official(info["path"]), OpenVLAProcessor.from_pretrained(info["path"]), tmp_path / "ours")
     export_official(tmp_path / "ours", tmp_path / "back", str(folders["root"] / "official_code"))
     for name in JSON_FILES:
         assert json.loads((tmp_path / "back" / name).read_text()) == json.loads((info["path"] / name).read_text()), name
@@ -171,7 +172,7 @@ def test_openvla_7b_config_exports_to_the_published_fields():
 
 
 def test_what_the_official_config_cannot_carry_is_caught_by_reading_it_back(folders):
-    values = OpenVLAConfig.from_pretrained(folders["info"]["path"]).to_dict()
+    values = official_folder_config(folders["info"]["path"]).to_dict()
     values["vision_config"]["layer_norm_eps"] = 1e-5  # the official towers fix timm's 1e-6
     values["text_config"]["rms_norm_eps"] = 1e-5  # a Llama field: written to text_config, so it reads back
     config = OpenVLAConfig.from_dict(values)
@@ -181,7 +182,7 @@ def test_what_the_official_config_cannot_carry_is_caught_by_reading_it_back(fold
 
 # --- refusals -------------------------------------------------------------------------------------------------------
 def _official_variant(info, **options) -> tuple[OpenVLAForActionPrediction, OpenVLAProcessor]:
-    config = OpenVLAConfig.from_pretrained(info["path"])
+    config = official_folder_config(info["path"])
     config = OpenVLAConfig.from_dict({**config.to_dict(), **options})
     return OpenVLAForActionPrediction(config).eval(), OpenVLAProcessor.from_pretrained(info["path"])
 

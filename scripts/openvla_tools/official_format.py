@@ -31,7 +31,7 @@ from transformers import AutoProcessor, PreTrainedConfig
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from configuration_openvla import LLAMA_EMPTY_TOKEN, OpenVLAConfig
+from configuration_openvla import LLAMA_EMPTY_TOKEN, OFFICIAL_CONFIG_KEYS, TIMM_VISION_TOWERS, OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction
 from processing_openvla import DEFAULT_PROMPT_TEMPLATE, OpenVLAImageProcessor, OpenVLAProcessor
 
@@ -62,6 +62,12 @@ TIMM_TOWER_SIZES = {
     "dinov2_with_registers": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
     "siglip_vision_model": {"embed_dim": 1152, "depth": 27, "num_heads": 16},
 }
+# Not an official field: the vision towers of this project's tiny test checkpoints (and of their exports) are smaller
+# than their timm model ids, which the official format cannot say, so their timm constructor sizes (one dict per tower,
+# names as in `TIMM_SIZE_FIELDS`) travel in it. `config_from_official` reads it; the library ignores it.
+TEST_TOWER_SIZES_FIELD = "test_timm_model_kwargs"
+# timm constructor sizes -> the transformers sub-config fields they set.
+TIMM_SIZE_FIELDS = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads"}
 TIMM_TOWER_NORMALIZATION = {
     "dinov2_with_registers": (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)),
     "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
@@ -188,12 +194,49 @@ def _image_processor_problems(image_processor: OpenVLAImageProcessor, config: Op
 
 def _reduced_tower_sizes(config: OpenVLAConfig) -> list[dict[str, int]]:
     """Per tower, the timm constructor arguments that shrink it below the timm model id's size (the non-official
-    `test_timm_model_kwargs` of the tiny test checkpoints; empty dicts for full-size towers)."""
+    `TEST_TOWER_SIZES_FIELD` of the tiny test checkpoints; empty dicts for full-size towers)."""
     reduced = []
     for tower in _towers(config):
-        sizes = {"embed_dim": tower.hidden_size, "depth": tower.num_hidden_layers, "num_heads": tower.num_attention_heads}
+        sizes = {name: getattr(tower, field) for name, field in TIMM_SIZE_FIELDS.items()}
         reduced.append({key: value for key, value in sizes.items() if value != TIMM_TOWER_SIZES[tower.model_type][key]})
     return reduced
+
+
+def config_from_official(values: dict[str, Any]) -> OpenVLAConfig:
+    """`OpenVLAConfig` of an official `config.json` (as a dict), with its towers shrunk to the sizes of
+    `TEST_TOWER_SIZES_FIELD` when it carries that field (the library itself builds the timm model ids' full sizes)."""
+    values = dict(values)
+    tower_sizes = values.pop(TEST_TOWER_SIZES_FIELD, None)
+    if not tower_sizes:
+        return OpenVLAConfig(**values)
+    official = {key: values.pop(key) for key in OFFICIAL_CONFIG_KEYS if key in values}
+    values.pop("auto_map", None)  # the official one points to the Prismatic remote code
+    options = OpenVLAConfig.official_options(official, values.get("text_config"), values.get("norm_stats"))
+    towers = ("vision_config", "fused_vision_config")[: len(tower_sizes)]
+    for name, sizes in zip(towers, tower_sizes, strict=True):
+        options[name] = _resized_tower(options[name], sizes)
+    return OpenVLAConfig(**{**values, **options})
+
+
+def _resized_tower(tower: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
+    """A tower description of `OpenVLAConfig.official_options` with the timm constructor sizes `sizes` applied."""
+    unknown = set(sizes) - set(TIMM_SIZE_FIELDS)
+    if unknown:
+        raise ValueError(f"{TEST_TOWER_SIZES_FIELD} holds {sorted(unknown)}; known: {sorted(TIMM_SIZE_FIELDS)}.")
+    tower = {**tower, **{TIMM_SIZE_FIELDS[name]: value for name, value in sizes.items()}}
+    if tower["model_type"] == "siglip_vision_model":  # timm's MLP width is `int(embed_dim * mlp_ratio)`
+        mlp_ratio = next(t["mlp_ratio"] for t in TIMM_VISION_TOWERS.values() if t["model_type"] == tower["model_type"])
+        tower["intermediate_size"] = int(tower["hidden_size"] * mlp_ratio)
+    return tower
+
+
+def official_folder_config(src: str | Path, **kwargs) -> OpenVLAConfig:
+    """`OpenVLAConfig.from_pretrained(src, **kwargs)` of an official folder or Hub id, through `config_from_official`
+    when it carries `TEST_TOWER_SIZES_FIELD`; pass it as `config=` to `OpenVLAForActionPrediction.from_pretrained`."""
+    values, _ = OpenVLAConfig.get_config_dict(src, **kwargs)
+    if TEST_TOWER_SIZES_FIELD not in values:
+        return OpenVLAConfig.from_pretrained(src, **kwargs)
+    return config_from_official(values)
 
 
 def official_text_config(text: PreTrainedConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -239,7 +282,7 @@ def official_config(config: OpenVLAConfig, image_resize_strategy: str, dtype: to
     }
     reduced = _reduced_tower_sizes(config)
     if any(reduced):
-        official["test_timm_model_kwargs"] = reduced
+        official[TEST_TOWER_SIZES_FIELD] = reduced
     return official
 
 
@@ -364,7 +407,7 @@ def official_state_dict(model: OpenVLAForActionPrediction) -> dict[str, torch.Te
 
 def check_round_trip(config: OpenVLAConfig, official: dict[str, Any]) -> None:
     """The official `config.json` read back by this project must describe `config`'s model; raise otherwise."""
-    reloaded = OpenVLAConfig(**json.loads(json.dumps(official)))
+    reloaded = config_from_official(json.loads(json.dumps(official)))
     expected, got = _description(config.to_dict()), _description(reloaded.to_dict())
     differences = sorted(key for key in expected.keys() | got.keys() if expected.get(key) != got.get(key))
     if differences:
@@ -405,11 +448,11 @@ def export_official(src: str | Path, dst: Path, official_code: str, dtype: torch
     code = find_official_code(official_code)
     model = OpenVLAForActionPrediction.from_pretrained(src, dtype=dtype)
     official = official_config(model.config, strategy, model.dtype)
-    if "test_timm_model_kwargs" in official:
+    if TEST_TOWER_SIZES_FIELD in official:
         print(
             f"note: the vision towers of {src} are smaller than their timm models {official['timm_model_ids']}; their "
-            "sizes go into the non-official test_timm_model_kwargs field, which only this project's loader and its "
-            "test fixtures read (the official code would build full-size towers)."
+            f"sizes go into the non-official {TEST_TOWER_SIZES_FIELD} field, which only this project's converter "
+            "(official_folder_config) and its test fixtures read (the official code would build full-size towers)."
         )
     dst.mkdir(parents=True, exist_ok=True)
     for path in code:
