@@ -13,7 +13,9 @@ import numpy as np  # noqa: E402
 from conftest import make_model, make_processor  # noqa: E402
 from demos import main as demos_main  # noqa: E402
 from evaluate import main as evaluate_main  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from modeling_openvla import OpenVLAPolicy  # noqa: E402
 from openvla_tools.envs.metaworld_demos import generate_metaworld_demonstrations  # noqa: E402
 from openvla_tools.envs.metaworld_env import (  # noqa: E402
     TASK_INSTRUCTIONS,
@@ -25,10 +27,11 @@ from openvla_tools.envs.metaworld_env import (  # noqa: E402
     task_variations,
 )
 from openvla_tools.lerobot_format import load_lerobot_dataset  # noqa: E402
-from openvla_tools.metaworld_evaluation import ModelPolicy, evaluate_policy_on_tasks  # noqa: E402
+from openvla_tools.metaworld_evaluation import evaluate_policy_on_tasks  # noqa: E402
 from processing_openvla import compute_action_stats  # noqa: E402
 
 TASK = "coffee-button-v3"  # the shortest expert episodes (~35 steps)
+INSTRUCTION = TASK_INSTRUCTIONS[TASK][0]  # names the task for the scripted expert
 METAWORLD_STATS = {"metaworld": compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 4)))}
 
 
@@ -59,9 +62,9 @@ def test_demonstrations_are_successful_expert_episodes(demos):
             rows = np.flatnonzero(episodes == episode)
             assert list(np.asarray(dataset["step"])[rows]) == list(range(len(rows)))
             _, obs = env.reset(variation)
-            expert, successes = ScriptedPolicy(TASK), []
+            expert, successes = ScriptedPolicy(), []
             for action in actions[rows]:  # the recorded actions are the expert's and solve the task
-                np.testing.assert_allclose(action, expert.select_action(None, "", obs), atol=1e-6)
+                np.testing.assert_allclose(action, expert.select_actions([None], [INSTRUCTION], [obs])[0], atol=1e-6)
                 _, obs, success = env.step(action, render=False)
                 successes.append(success)
             assert successes[-1] and not successes[0]
@@ -79,7 +82,7 @@ def test_demonstrations_use_the_variations_of_the_given_seeds():
 
 
 def test_scripted_policy_succeeds_on_held_out_variations():
-    result = evaluate_policy_on_tasks(ScriptedPolicy, [TASK], episodes_per_task=2, max_steps=80, image_size=64, progress=False)
+    result = evaluate_policy_on_tasks(ScriptedPolicy(), [TASK], episodes_per_task=2, max_steps=80, image_size=64, progress=False)
     assert result["success"] == {TASK: 1.0} and result["mean_success"] == 1.0
     assert result["successes"] == {TASK: [True, True]} and 0 < result["mean_steps"][TASK] < 80
 
@@ -101,6 +104,45 @@ def test_evaluator_runs_a_saved_model_end_to_end(tokenizer, tmp_path, single_thr
     assert result["baselines"]["scripted"]["mean_success"] == 1.0
     assert result["instructions"][TASK] == TASK_INSTRUCTIONS[TASK][0]
     assert (output / "eval.png").stat().st_size > 0 and (output / "eval.gif").stat().st_size > 0
+    video = Image.open(output / f"eval_{TASK}.gif")  # the rollout video of the task, next to the strip
+    assert video.size == (2 * 64, 64 + 14) and video.n_frames > 2
+
+
+class RecordingExpert(ScriptedPolicy):
+    """The scripted expert, recording the batch size of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = []
+
+    def select_actions(self, images, instructions, observations=None):
+        self.batch_sizes.append(len(instructions))
+        return super().select_actions(images, instructions, observations)
+
+
+def test_lock_step_batches_end_each_episode_as_it_ends_alone(tmp_path):
+    """Episodes stepped together give the results they give one at a time; a finished one leaves the policy's batch."""
+    options = {"tasks": [TASK], "episodes_per_task": 3, "max_steps": 60, "image_size": 64, "progress": False}
+    alone = evaluate_policy_on_tasks(ScriptedPolicy(), batch_size=1, **options)
+    expert = RecordingExpert()
+    together = evaluate_policy_on_tasks(expert, batch_size=2, strip_path=tmp_path / "strip.png", **options)
+    assert together == alone and together["success"] == {TASK: 1.0}
+    assert expert.batch_sizes[0] == 2 and expert.batch_sizes == sorted(expert.batch_sizes, reverse=True)
+    assert sum(expert.batch_sizes) == round(3 * together["mean_steps"][TASK])  # no call for an episode that ended
+    assert Image.open(tmp_path / "strip.png").height == 64 + 14
+    assert Image.open(tmp_path / f"strip_{TASK}.gif").size == (2 * 64, 64 + 14)
+
+
+def test_scripted_expert_reads_the_task_from_the_instruction():
+    expert, variation = ScriptedPolicy(), task_variations(TASK, TRAIN_SEED)[0]
+    with MetaWorldEnv(TASK, image_size=64) as env:
+        _, obs = env.reset(variation)
+        paraphrases = expert.select_actions([None] * 2, list(TASK_INSTRUCTIONS[TASK][:2]), [obs, obs])
+        np.testing.assert_array_equal(paraphrases[0], paraphrases[1])
+        with pytest.raises(ValueError, match="does not know the instruction 'make coffee'"):
+            expert.select_actions([None], ["make coffee"], [obs])
+        with pytest.raises(ValueError, match="one observation per environment"):
+            expert.select_actions([None], [INSTRUCTION])
 
 
 def test_chunked_model_replans_every_n_action_steps_or_every_step_when_ensembling(tokenizer, tmp_path, single_thread):
@@ -112,11 +154,11 @@ def test_chunked_model_replans_every_n_action_steps_or_every_step_when_ensemblin
         for options, expected_queries in (({}, 2), ({"n_action_steps": 2}, 4), ({"n_action_steps": 1}, 8),
                                           ({"temporal_ensemble_coeff": 0.0}, 8)):
             queries.clear()
-            policy = ModelPolicy(model, make_processor(tokenizer), **options)
+            policy = OpenVLAPolicy(model, make_processor(tokenizer), **options)
             episode = run_episode(env, variation, policy, TASK_INSTRUCTIONS[TASK][0])
             assert episode.num_steps == 8 and len(queries) == expected_queries
     with pytest.raises(ValueError, match="n_action_steps=5"):
-        ModelPolicy(model, make_processor(tokenizer), n_action_steps=5)
+        OpenVLAPolicy(model, make_processor(tokenizer), n_action_steps=5)
     with pytest.raises(ValueError, match="n_action_steps=2 applies to a model"):
         evaluate_main(["--env", "metaworld", "--model", "scripted", "--tasks", TASK, "--episodes-per-task", "1", "--json", str(tmp_path / "eval.json"),
                        "--n-action-steps", "2"])
@@ -127,19 +169,19 @@ def test_chunked_model_replans_every_n_action_steps_or_every_step_when_ensemblin
 
 
 def test_noisy_expert_episodes_keep_the_expert_actions():
-    noise, variation, expert = 0.3, task_variations(TASK, TRAIN_SEED)[0], ScriptedPolicy(TASK)
+    noise, variation, expert = 0.3, task_variations(TASK, TRAIN_SEED)[0], ScriptedPolicy()
     with MetaWorldEnv(TASK, image_size=64) as env:
-        clean = run_episode(env, variation, expert, "", record=False)
-        noisy = run_episode(env, variation, expert, "", record=False, action_noise=noise, rng=np.random.default_rng(7))
+        clean = run_episode(env, variation, expert, INSTRUCTION, record=False)
+        noisy = run_episode(env, variation, expert, INSTRUCTION, record=False, action_noise=noise, rng=np.random.default_rng(7))
         assert clean.success and noisy.success  # the expert recovers from its perturbed path
         assert noisy.num_steps != clean.num_steps or not np.allclose(noisy.actions, clean.actions)
 
         replay_rng, (_, obs) = np.random.default_rng(7), env.reset(variation)
         for action in noisy.actions:  # each label is the expert's action in the state the noisy rollout reached
-            np.testing.assert_allclose(action, expert.select_action(None, "", obs), atol=1e-6)
+            np.testing.assert_allclose(action, expert.select_actions([None], [INSTRUCTION], [obs])[0], atol=1e-6)
             _, obs, _ = env.step(action + replay_rng.normal(0.0, noise, 4), render=False)
         with pytest.raises(ValueError, match="action_noise=-0.1 must be >= 0"):
-            run_episode(env, variation, expert, "", action_noise=-0.1, rng=np.random.default_rng(0))
+            run_episode(env, variation, expert, INSTRUCTION, action_noise=-0.1, rng=np.random.default_rng(0))
 
 
 def test_blank_frame_raises(monkeypatch):

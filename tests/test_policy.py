@@ -225,3 +225,22 @@ def test_temporal_ensembling_per_environment_reset(processor, images):
 def test_bad_temporal_ensembling(processor, options, match):
     with pytest.raises(ValueError, match=match):
         OpenVLAPolicy(make_model(processor), processor, **options)
+
+
+def test_dropped_environments_leave_the_batch_and_the_others_keep_their_queues(processor, images):
+    """An evaluation loop drops the environments whose episodes ended; the rest go on with their plans, in order."""
+    model = make_model(processor)
+    chunks = reference_chunk(model, processor, images, INSTRUCTIONS)  # [3, CHUNK, 7]
+    counter = CallCounter(model)
+    policy = OpenVLAPolicy(model, processor)
+    policy.select_actions(images, INSTRUCTIONS)
+    policy.drop([1])
+    step = policy.select_actions([images[0], images[2]], [INSTRUCTIONS[0], INSTRUCTIONS[2]])
+    assert counter.batch_sizes == [3]  # no re-plan: environments 0 and 2 execute their chunks' second actions
+    np.testing.assert_allclose(step, chunks[[0, 2], 1], atol=1e-6)
+    policy.drop(0)
+    np.testing.assert_allclose(policy.select_action(images[2], INSTRUCTIONS[2]), chunks[2, 2], atol=1e-6)
+    with pytest.raises(ValueError, match="env_id=1 is not one of the 1 environments"):
+        policy.drop([1])
+    with pytest.raises(ValueError, match="drop"):
+        policy.select_actions(images[:2], INSTRUCTIONS[:2])

@@ -1,11 +1,13 @@
 """Tests of the procedural tabletop task: demonstrations, environment, evaluation and ablations."""
 
+import json
 from dataclasses import replace
 
 import datasets
 import numpy as np
 import pytest
 from demos import main as demos_main
+from evaluate import main as evaluate_main
 from PIL import Image
 
 from openvla_tools.envs.tabletop import (
@@ -16,17 +18,18 @@ from openvla_tools.envs.tabletop import (
     MIN_OBJECT_DISTANCE,
     PUSH_DISTANCE,
     REACH_TEMPLATES,
+    RandomPolicy,
+    ScriptedPolicy,
     TabletopEnv,
     evaluate_policy,
-    expert_policy,
     generate_demonstrations,
     locate_gripper,
     locate_objects,
     move_toward,
     parse_instruction,
-    random_policy,
     render_scene,
 )
+from openvla_tools.evaluation import StatelessPolicy, rollout_video_path
 from openvla_tools.lerobot_format import load_lerobot_dataset
 
 
@@ -35,36 +38,58 @@ def demos() -> datasets.Dataset:
     return generate_demonstrations(6, seed=0, progress=False)
 
 
-def image_blind_policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
+class ImageBlindPolicy(StatelessPolicy):
     """Reads the instruction (and, generously, the gripper) but not where the objects
     are: it heads for the table centre, shifted by the push direction."""
-    actions = []
-    for image, instruction in zip(images, instructions, strict=True):
-        _, direction = parse_instruction(instruction)
-        goal = np.array([0.5, 0.5])
-        if direction is not None:
-            goal = goal + PUSH_DISTANCE * np.asarray(DIRECTIONS[direction])
-        actions.append(move_toward(locate_gripper(image), goal))
-    return np.stack(actions)
+
+    def select_actions(self, images, instructions, observations=None):
+        actions = []
+        for image, instruction in zip(images, instructions, strict=True):
+            _, direction = parse_instruction(instruction)
+            goal = np.array([0.5, 0.5])
+            if direction is not None:
+                goal = goal + PUSH_DISTANCE * np.asarray(DIRECTIONS[direction])
+            actions.append(move_toward(locate_gripper(image), goal))
+        return np.stack(actions)
 
 
-def nearest_object_policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
+class NearestObjectPolicy(StatelessPolicy):
     """Ignores the instruction: goes to the visible object nearest the gripper."""
-    actions = []
-    for image in images:
-        gripper = locate_gripper(image)
-        positions = list(locate_objects(image).values())
-        actions.append(move_toward(gripper, min(positions, key=lambda p: np.linalg.norm(p - gripper))))
-    return np.stack(actions)
+
+    def select_actions(self, images, instructions, observations=None):
+        actions = []
+        for image in images:
+            gripper = locate_gripper(image)
+            positions = list(locate_objects(image).values())
+            actions.append(move_toward(gripper, min(positions, key=lambda p: np.linalg.norm(p - gripper))))
+        return np.stack(actions)
 
 
-def first_colour_policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
+class FirstColourPolicy(StatelessPolicy):
     """Ignores the instruction: goes to the visible object whose colour comes first in the palette."""
-    actions = []
-    for image in images:
-        objects = locate_objects(image)
-        actions.append(move_toward(locate_gripper(image), objects[next(c for c in COLORS if c in objects)]))
-    return np.stack(actions)
+
+    def select_actions(self, images, instructions, observations=None):
+        actions = []
+        for image in images:
+            objects = locate_objects(image)
+            actions.append(move_toward(locate_gripper(image), objects[next(c for c in COLORS if c in objects)]))
+        return np.stack(actions)
+
+
+class RecordingPolicy(ScriptedPolicy):
+    """The scripted expert, recording the batch size of every call."""
+
+    def __init__(self):
+        self.batch_sizes = []
+
+    def select_actions(self, images, instructions, observations=None):
+        self.batch_sizes.append(len(images))
+        return super().select_actions(images, instructions)
+
+
+class WrongShapePolicy(StatelessPolicy):
+    def select_actions(self, images, instructions, observations=None):
+        return np.zeros((len(images), 6))
 
 
 # ----------------------------------------------------------------------------------
@@ -255,49 +280,41 @@ def test_too_many_objects_raises():
 
 
 def test_expert_policy_solves_task():
-    result = evaluate_policy(expert_policy, 20, progress=False)
+    result = evaluate_policy(ScriptedPolicy(), 20, progress=False)
     assert result["success_rate"] == 1.0 and result["successes"] == [True] * 20
     assert result["num_episodes"] == 20 and 1 < result["mean_steps"] < 15
 
 
 def test_expert_policy_solves_reach_only_episodes():
-    assert evaluate_policy(expert_policy, 20, progress=False, task_kinds=("reach",))["success_rate"] == 1.0
+    assert evaluate_policy(ScriptedPolicy(), 20, progress=False, task_kinds=("reach",))["success_rate"] == 1.0
 
 
 def test_random_policy_fails():
-    result = evaluate_policy(random_policy(seed=0), 50, progress=False)
+    result = evaluate_policy(RandomPolicy(seed=0), 50, progress=False)
     assert result["success_rate"] < 0.3
 
 
 def test_image_blind_policy_fails():
-    assert evaluate_policy(image_blind_policy, 50, progress=False)["success_rate"] < 0.5
+    assert evaluate_policy(ImageBlindPolicy(), 50, progress=False)["success_rate"] < 0.5
 
 
-@pytest.mark.parametrize("policy", [nearest_object_policy, first_colour_policy])
+@pytest.mark.parametrize("policy", [NearestObjectPolicy, FirstColourPolicy])
 def test_instruction_blind_policy_fails(policy):
-    assert evaluate_policy(policy, 50, progress=False)["success_rate"] < 0.5
+    assert evaluate_policy(policy(), 50, progress=False)["success_rate"] < 0.5
 
 
 def test_batched_evaluation_matches_unbatched():
-    batch_sizes = []
-
-    def recording_policy(images, instructions):
-        batch_sizes.append(len(images))
-        return expert_policy(images, instructions)
-
+    recording_policy = RecordingPolicy()
+    batch_sizes = recording_policy.batch_sizes
     batched = evaluate_policy(recording_policy, 7, batch_size=3, progress=False)
     assert batch_sizes[0] == 3 and max(batch_sizes) == 3
-    unbatched = evaluate_policy(expert_policy, 7, progress=False)
+    unbatched = evaluate_policy(ScriptedPolicy(), 7, progress=False)
     assert batched == unbatched
 
 
 def test_finished_envs_drop_out_of_the_batch():
-    batch_sizes = []
-
-    def recording_policy(images, instructions):
-        batch_sizes.append(len(images))
-        return expert_policy(images, instructions)
-
+    recording_policy = RecordingPolicy()
+    batch_sizes = recording_policy.batch_sizes
     result = evaluate_policy(recording_policy, 8, progress=False)
     assert batch_sizes[0] == 8 and batch_sizes == sorted(batch_sizes, reverse=True)
     assert sum(batch_sizes) == result["mean_steps"] * 8
@@ -305,15 +322,29 @@ def test_finished_envs_drop_out_of_the_batch():
 
 def test_policy_with_wrong_output_shape_raises():
     with pytest.raises(ValueError, match=r"\(4, 7\)"):
-        evaluate_policy(lambda images, instructions: np.zeros((len(images), 6)), 4, progress=False)
+        evaluate_policy(WrongShapePolicy(), 4, progress=False)
 
 
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_strip_is_written(tmp_path, batch_size):
     path = tmp_path / "strips" / "expert.png"
-    evaluate_policy(expert_policy, 5, batch_size=batch_size, progress=False, strip_path=path, strip_episodes=3)
+    evaluate_policy(ScriptedPolicy(), 5, batch_size=batch_size, progress=False, strip_path=path, strip_episodes=3)
     strip = Image.open(path)
     assert strip.height == 3 * (112 + 14) and strip.width % 112 == 0
+
+
+def test_rollout_video_per_task_kind(tmp_path):
+    """Next to the strip, one GIF per task kind: its first episodes side by side, one frame per step."""
+    path = tmp_path / "expert.png"
+    result = evaluate_policy(ScriptedPolicy(), 12, batch_size=5, progress=False, strip_path=path, video_episodes=2)
+    assert set(result["task_success"]) == {"reach", "push"} and result["task_success"]["push"] == 1.0
+    for kind in ("reach", "push"):
+        video = Image.open(rollout_video_path(path, kind))
+        assert video.format == "GIF" and video.size == (2 * 112, 112 + 14)
+        assert 3 <= video.n_frames <= 1 + 20  # the first observation, then one frame per step of the longest episode
+        first = np.asarray(video.convert("RGB"))
+        video.seek(video.n_frames - 1)
+        assert not np.array_equal(first, np.asarray(video.convert("RGB")))  # the grippers moved
 
 
 def test_cli_writes_dataset_and_preview(tmp_path, capsys):
@@ -323,3 +354,18 @@ def test_cli_writes_dataset_and_preview(tmp_path, capsys):
     assert len(datasets.load_from_disk(str(tmp_path / "plain"))) > 3
     assert Image.open(tmp_path / "demos" / "preview.png").height == 3 * (112 + 14)
     assert "3 episodes" in capsys.readouterr().out
+
+
+def test_evaluate_cli_runs_the_scripted_expert_with_a_table_per_task(tmp_path, capsys):
+    evaluate_main(["--env", "tabletop", "--model", "scripted", "--episodes", "6", "--batch_size", "4",
+                   "--json", str(tmp_path / "eval.json"), "--strip", str(tmp_path / "strip.png")])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result) == {"model", "random", "settings"}  # the expert is the evaluated policy here
+    assert result["model"]["success_rate"] == 1.0 and result["model"]["num_episodes"] == 6
+    assert result["settings"]["model"] == "scripted" and result["settings"]["unnorm_key"] is None
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["task"] == ["model", "random"] and rows["all"][0] == "100.0%"
+    assert set(rows) >= {"reach", "push"}
+    assert all(rollout_video_path(tmp_path / "strip.png", kind).exists() for kind in ("reach", "push"))
+    with pytest.raises(ValueError, match="n_action_steps=2 applies to a model"):
+        evaluate_main(["--env", "tabletop", "--model", "random", "--n_action_steps", "2"])

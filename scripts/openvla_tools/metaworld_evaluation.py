@@ -1,36 +1,31 @@
-"""Closed-loop evaluation on Meta-World: a saved OpenVLA model (or the scripted expert, or random actions) on held-out
-variations, judged by Meta-World's own success signal.
+"""Closed-loop evaluation on Meta-World: any `openvla_tools.evaluation.Policy` (an OpenVLA model, the scripted expert,
+random actions) on held-out variations, judged by Meta-World's own success signal.
 
     python scripts/evaluate.py --env metaworld --model outputs/metaworld --tasks button-press-topdown-v3 drawer-close-v3 \\
         coffee-button-v3 --episodes-per-task 20 --json outputs/metaworld_eval.json --plot outputs/metaworld_eval.png \\
         --strip outputs/metaworld_episodes.gif
 
-`--model` is a saved model folder or Hub id (loaded with `AutoModel` / `AutoProcessor`, `trust_remote_code=True`), or
-`scripted` / `random`. Episode `i` of a task runs on held-out variation `i % 50` (`MT1(task, seed=1)`; the
-demonstrations use seed 0) for at most `--max-steps` steps and succeeds as soon as the environment reports
-`info["success"]`. The model gets the task's canonical instruction (the first paraphrase) and acts through
-`OpenVLAPolicy`, which executes `n_action_steps` actions of a chunk before re-planning (or, with
-`--temporal-ensemble-coeff`, re-plans at every step and averages the overlapping chunks). Unless `--no-baselines`, the
-random policy and the scripted expert run on the same variations, side by side in the table and the JSON.
+Episode `i` of a task runs on held-out variation `i % 50` (`MT1(task, seed=1)`; the demonstrations use seed 0) for at
+most `max_steps` steps and succeeds as soon as the environment reports `info["success"]`. The episodes of a task run
+in lock-step batches of `batch_size` environments (`run_episodes`: one batched policy call per step). The policy gets
+the task's canonical instruction (the first paraphrase); a model acts through `OpenVLAPolicy`, which executes
+`n_action_steps` actions of a chunk before re-planning (or, with `temporal_ensemble_coeff`, re-plans at every step
+and averages the overlapping chunks).
 
-JSON: the evaluated policy's `success` (per task), `mean_success`, `mean_steps`, `successes` (per episode) at the top
-level, the instructions and settings, and `baselines` (`random`, `scripted`) with the same keys.
+Result (and the JSON of `scripts/evaluate.py`): the policy's `success` (per task), `mean_success`, `mean_steps`,
+`successes` (per episode) and `instructions`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from modeling_openvla import OpenVLAPolicy
-
 from .envs.metaworld_env import (
-    ACTION_DIM,
     DEFAULT_CAMERA,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_STEPS,
@@ -38,128 +33,73 @@ from .envs.metaworld_env import (
     TASK_INSTRUCTIONS,
     Episode,
     MetaWorldEnv,
-    Policy,
-    RandomPolicy,
-    ScriptedPolicy,
     check_tasks,
-    run_episode,
+    run_episodes,
     task_variations,
 )
 from .envs.tabletop import save_episode_strip
+from .evaluation import Policy, check_positive, rollout_video_path, save_rollout_video
 
-BASELINES: dict[str, Callable[[str], Policy]] = {
-    "random": lambda task: RandomPolicy(seed=0),
-    "scripted": ScriptedPolicy,
-}
-
-
-class ModelPolicy:
-    """An OpenVLA model as a Meta-World policy: `OpenVLAPolicy` on the image and the instruction (a queue of
-    `n_action_steps` actions per query, by default the whole chunk, or with `temporal_ensemble_coeff` a query at
-    every step and the overlapping chunks averaged); the state vector is ignored."""
-
-    needs_image = True
-
-    def __init__(self, model, processor, unnorm_key: str | None = None, **policy_options: Any):
-        self.policy = self._checked(OpenVLAPolicy(model.eval(), processor, unnorm_key, **policy_options))
-
-    @classmethod
-    def served(cls, url: str, unnorm_key: str | None = None, api_key: str | None = None, **policy_options: Any) -> ModelPolicy:
-        """The model that `scripts/serve.py` serves at `url`, through `RemotePolicy` (the `serve` extra)."""
-        from .remote_policy import RemotePolicy
-
-        served = cls.__new__(cls)
-        served.policy = cls._checked(RemotePolicy(url, api_key=api_key, unnorm_key=unnorm_key, **policy_options))
-        return served
-
-    @staticmethod
-    def _checked(policy: OpenVLAPolicy) -> OpenVLAPolicy:
-        action_dim = policy.model.config.action_dim
-        if action_dim != ACTION_DIM:
-            raise ValueError(
-                f"The model predicts action_dim={action_dim} values but Meta-World actions have {ACTION_DIM} (dx, dy, "
-                "dz, gripper); train it on Meta-World demonstrations (scripts/demos.py --env metaworld)."
-            )
-        return policy
-
-    def reset(self) -> None:
-        self.policy.reset()
-
-    def select_action(self, image: Image.Image, instruction: str, obs: np.ndarray | None = None) -> np.ndarray:
-        return self.policy.select_action(image, instruction)
-
-
-def load_model_policy(path: str, unnorm_key: str | None = None, **policy_options: Any) -> ModelPolicy:
-    """A `ModelPolicy` for a saved model folder or Hub id, loaded through the Auto classes; `policy_options` go to
-    `OpenVLAPolicy` (`n_action_steps`, `temporal_ensemble_coeff`)."""
-    from transformers import AutoModel, AutoProcessor
-
-    model = AutoModel.from_pretrained(path, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    return ModelPolicy(model, processor, unnorm_key, **policy_options)
-
-
-def policy_factory(model: str, unnorm_key: str | None = None, server: str | None = None, api_key: str | None = None,
-                   **policy_options: Any) -> Callable[[str], Policy]:
-    """task name -> policy: a baseline's (`scripted`, `random`) or, for a model folder or Hub id, or the model served
-    at `server`, one `ModelPolicy` for every task. `policy_options` set to anything but `None` are refused for the
-    baselines."""
-    if server is not None:
-        policy = ModelPolicy.served(server, unnorm_key, api_key, **policy_options)
-        return lambda task: policy
-    if model in BASELINES:
-        for name, value in policy_options.items():
-            if value is not None:
-                raise ValueError(
-                    f"{name}={value} applies to a model's action chunks; the {model!r} baseline acts one step at a "
-                    f"time. Leave --{name.replace('_', '-')} out for baselines."
-                )
-        return BASELINES[model]
-    policy = load_model_policy(model, unnorm_key, **policy_options)
-    return lambda task: policy
+DEFAULT_BATCH_SIZE = 10  # environments stepped together; each holds its own OpenGL context
 
 
 def evaluate_policy_on_tasks(
-    policy_factory: Callable[[str], Policy],
+    policy: Policy,
     tasks: Sequence[str],
     episodes_per_task: int,
     max_steps: int = DEFAULT_MAX_STEPS,
     image_size: int = DEFAULT_IMAGE_SIZE,
     camera_name: str = DEFAULT_CAMERA,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     strip_path: str | Path | None = None,
     strip_episodes_per_task: int = 1,
+    video_episodes_per_task: int = 2,
     progress: bool = True,
     desc: str = "evaluation",
 ) -> dict[str, Any]:
-    """Success of `policy_factory(task)` on `episodes_per_task` held-out variations of each task.
+    """Success of `policy` on `episodes_per_task` held-out variations of each task.
 
     Args:
-        policy_factory: task name -> a policy (`reset()`, `select_action(image, instruction, obs) -> [4]`).
+        policy: steps `batch_size` environments of one task at a time (`reset`, `drop`,
+            `select_actions(images, instructions, observations) -> [B, 4]`).
         strip_path: if given, the first `strip_episodes_per_task` episodes of every task are saved there (`.gif`:
-            an animation, the episodes side by side; otherwise a PNG grid, one row per episode).
+            an animation, the episodes side by side; otherwise a PNG grid, one row per episode), and the first
+            `video_episodes_per_task` of each task as a rollout video next to it
+            (`openvla_tools.evaluation.rollout_video_path`).
 
     Returns:
         `{"success": {task: rate}, "mean_success", "mean_steps": {task: steps}, "successes": {task: [bool]},
         "instructions": {task: instruction}}`; `mean_success` is the mean of the per-task rates.
     """
     tasks = check_tasks(tasks)
-    if isinstance(episodes_per_task, bool) or not isinstance(episodes_per_task, int) or episodes_per_task < 1:
-        raise ValueError(f"episodes_per_task={episodes_per_task!r} must be a positive integer.")
+    check_positive("episodes_per_task", episodes_per_task)
+    check_positive("batch_size", batch_size)
+    recorded = 0 if strip_path is None else max(strip_episodes_per_task, video_episodes_per_task)
     episodes: dict[str, list[Episode]] = {}
     with tqdm(total=len(tasks) * episodes_per_task, desc=desc, disable=not progress) as bar:
         for task in tasks:
             variations = task_variations(task, EVAL_SEED)
-            policy = policy_factory(task)
+            instruction = TASK_INSTRUCTIONS[task][0]
             episodes[task] = []
-            with MetaWorldEnv(task, image_size, camera_name, max_steps) as env:
-                for index in range(episodes_per_task):
-                    record = strip_path is not None and index < strip_episodes_per_task
-                    episode = run_episode(env, variations[index % len(variations)], policy, TASK_INSTRUCTIONS[task][0], record=record)
-                    episodes[task].append(episode)
-                    bar.update()
-                    bar.set_postfix(task=task, success=f"{np.mean([e.success for e in episodes[task]]):.2f}")
+            for start in range(0, episodes_per_task, batch_size):
+                indices = range(start, min(start + batch_size, episodes_per_task))
+                envs = [MetaWorldEnv(task, image_size, camera_name, max_steps) for _ in indices]
+                try:
+                    episodes[task] += run_episodes(
+                        envs, [variations[i % len(variations)] for i in indices], policy, [instruction] * len(envs),
+                        record=[i < recorded for i in indices],
+                    )
+                finally:
+                    for env in envs:
+                        env.close()
+                bar.update(len(indices))
+                bar.set_postfix(task=task, success=f"{np.mean([e.success for e in episodes[task]]):.2f}")
     if strip_path is not None:
-        save_strip([episode for task_episodes in episodes.values() for episode in task_episodes if episode.images], strip_path)
+        save_strip([e for task_episodes in episodes.values() for e in task_episodes[:strip_episodes_per_task]], strip_path)
+        for task, task_episodes in episodes.items():
+            shown = task_episodes[:video_episodes_per_task]
+            captions = [f"{'success' if e.success else 'failure'}, {e.num_steps} steps" for e in shown]
+            save_rollout_video([e.images for e in shown], rollout_video_path(strip_path, task), captions)
     success = {task: float(np.mean([e.success for e in task_episodes])) for task, task_episodes in episodes.items()}
     return {
         "success": success,
@@ -172,22 +112,13 @@ def evaluate_policy_on_tasks(
 
 def save_strip(episodes: Sequence[Episode], path: str | Path) -> None:
     """Recorded episodes as a PNG grid (one captioned row each) or, for a `.gif` path, an animation of them side by
-    side (an episode that ended holds its last frame)."""
+    side (`save_rollout_video`)."""
     path = Path(path)
     captions = [f"{e.task}: {'success' if e.success else 'failure'} after {e.num_steps} steps" for e in episodes]
-    if path.suffix.lower() != ".gif":
+    if path.suffix.lower() == ".gif":
+        save_rollout_video([e.images for e in episodes], path, [e.task for e in episodes])
+    else:
         save_episode_strip([e.images for e in episodes], path, captions)
-        return
-    length = max(len(e.images) for e in episodes)
-    width, height = episodes[0].images[0].size
-    frames = []
-    for t in range(length):
-        frame = Image.new("RGB", (width * len(episodes), height))
-        for column, episode in enumerate(episodes):
-            frame.paste(episode.images[min(t, len(episode.images) - 1)], (column * width, 0))
-        frames.append(frame)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
 
 
 def save_plot(results: dict[str, dict[str, Any]], path: str | Path) -> None:
@@ -216,13 +147,3 @@ def save_plot(results: dict[str, dict[str, Any]], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def print_table(results: dict[str, dict[str, Any]]) -> None:
-    """Success per task (rows) and policy (columns), and the mean."""
-    tasks = list(next(iter(results.values()))["success"])
-    names = list(results)
-    print(f"{'task':<26}" + "".join(f"{name:>13}" for name in names))
-    for task in tasks:
-        print(f"{task:<26}" + "".join(f"{results[name]['success'][task]:>13.1%}" for name in names))
-    print(f"{'mean':<26}" + "".join(f"{results[name]['mean_success']:>13.1%}" for name in names))

@@ -1,19 +1,17 @@
-"""`RemotePolicy`: `OpenVLAPolicy` for a model served by `scripts/serve.py`, over either of its protocols.
+"""`RemotePolicy`: the policy of a model served by `scripts/serve.py`, over either of its protocols.
 
     policy = RemotePolicy("http://127.0.0.1:8000")           # openpi websocket protocol (msgpack), or
     policy = RemotePolicy("http://127.0.0.1:8000", protocol="rest")  # the official OpenVLA `POST /act`
     policy.reset()
     action = policy.select_action(image, "pick up the red block")  # float32 [action_dim]
 
-It queues and re-plans exactly as `OpenVLAPolicy` does (it is one, with the model call replaced by requests to the
-server): the environments of one `select_actions` call that need a new plan send their requests together, so the
+It queues and re-plans exactly as `OpenVLAPolicy` does (both are `ActionQueuePolicy`s; here a plan is a request to
+the server): the environments of one `select_actions` call that need a new plan send their requests together, so the
 server batches them.
 """
 
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,7 +23,7 @@ import websockets.sync.client
 from PIL import Image
 from transformers.image_utils import load_image
 
-from modeling_openvla import OpenVLAPolicy
+from modeling_openvla import ActionQueuePolicy
 from openvla_tools.wire_format import dumps_json, loads_json, pack_msgpack, unpack_msgpack
 from processing_openvla import resolve_unnorm_key
 
@@ -165,33 +163,16 @@ class RestConnection:
         self._session.close()
 
 
-class _ServedModel:
-    """What `OpenVLAPolicy` reads of its model, for a model behind a server: its config figures and a check of
-    `unnorm_key` against the served datasets (statistics stay on the server)."""
-
-    def __init__(self, metadata: dict[str, Any]):
-        self.config = SimpleNamespace(
-            action_dim=metadata["action_dim"],
-            action_chunk_size=metadata["action_chunk_size"],
-            action_decoding=metadata["action_decoding"],
-            norm_stats={},  # the statistics stay on the server, which applies them
-        )
-        self.action_tokenizer = self
-        self._datasets = dict.fromkeys(metadata["unnorm_keys"])
-        self._default_key = metadata["default_unnorm_key"]
-
-    def stats_for(self, unnorm_key: str | None) -> None:
-        resolve_unnorm_key(self._datasets, self._default_key if unnorm_key is None else unnorm_key)
-
-
-class RemotePolicy(OpenVLAPolicy):
-    """`OpenVLAPolicy` whose model runs behind `scripts/serve.py`: same `reset` / `select_action(s)`, same queues.
+class RemotePolicy(ActionQueuePolicy):
+    """`OpenVLAPolicy`'s served twin: the plans of `ActionQueuePolicy` come from `scripts/serve.py` instead of a local
+    model; same `reset` / `drop` / `select_action(s)`, same queues.
 
     Args:
         url: the server, `http://HOST:PORT` (`ws://HOST:PORT` also for `openpi`).
         api_key: the server's `--api_key`, if it has one.
         protocol: `openpi` (websocket + msgpack, one connection per environment) or `rest` (official `POST /act`).
         unnorm_key: the dataset whose statistics unnormalise the actions; defaults to the server's `--unnorm_key`.
+            Checked against the served datasets here (the statistics stay on the server, which applies them).
         n_action_steps, temporal_ensemble_coeff: as for `OpenVLAPolicy`.
         timeout_s: longest wait for the server to connect and to answer a request.
 
@@ -212,34 +193,21 @@ class RemotePolicy(OpenVLAPolicy):
             raise ValueError(f"protocol={protocol!r} is not one of {PROTOCOLS}.")
         self.url, self.api_key, self.protocol, self.timeout_s = url, api_key, protocol, timeout_s
         self._connections: list[OpenPIConnection | RestConnection] = [self._connect()]
-        self.server_metadata = self._connections[0].metadata
+        self.server_metadata = metadata = self._connections[0].metadata
         try:
-            super().__init__(
-                _ServedModel(self.server_metadata),
-                processor=None,
-                unnorm_key=unnorm_key,
-                n_action_steps=n_action_steps,
-                temporal_ensemble_coeff=temporal_ensemble_coeff,
-            )
+            super().__init__(metadata["action_chunk_size"], metadata["action_dim"], n_action_steps, temporal_ensemble_coeff)
+            default_key = metadata["default_unnorm_key"]
+            resolve_unnorm_key(dict.fromkeys(metadata["unnorm_keys"]), default_key if unnorm_key is None else unnorm_key)
         except ValueError:
             self._connections[0].close()
             raise
+        self.unnorm_key = unnorm_key
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
 
     def _connect(self) -> OpenPIConnection | RestConnection:
         connection = OpenPIConnection if self.protocol == "openpi" else RestConnection
         return connection(self.url, self.api_key, self.timeout_s)
-
-    def select_actions(
-        self, images: Sequence, instructions: str | Sequence[str], observations: Sequence | None = None
-    ) -> np.ndarray:
-        """As `OpenVLAPolicy.select_actions`: `B` images and instructions -> float32 `[B, action_dim]`.
-
-        `observations` (the environments' other readings, e.g. proprioception) is accepted so that evaluation loops
-        can pass it to any policy; it is not sent: the served model conditions on the image and instruction only.
-        """
-        return super().select_actions(images, instructions)
 
     def _plan(self, images: list, instructions: list[str]) -> np.ndarray:
         """One request per environment, all in flight together -> float32 `[B, chunk_size, action_dim]`."""

@@ -76,13 +76,13 @@ def generate_metaworld_demonstrations(
     if isinstance(episodes_per_task, bool) or not isinstance(episodes_per_task, int) or episodes_per_task < 1:
         raise ValueError(f"episodes_per_task={episodes_per_task!r} must be a positive integer.")
     rng = np.random.default_rng(seed)
+    policy = ScriptedPolicy()
     image_feature = datasets.Image()
     columns: dict[str, list] = {name: [] for name in FEATURES}
     kept = 0
     with tqdm(total=len(tasks) * episodes_per_task, desc="demonstrations", disable=not progress) as bar:
         for task in tasks:
             variations = [variation for seed in variation_seeds for variation in task_variations(task, seed)]
-            policy = ScriptedPolicy(task)
             with MetaWorldEnv(task, image_size, camera_name, max_steps) as env:
                 for index in range(episodes_per_task):
                     instruction = str(rng.choice(TASK_INSTRUCTIONS[task]))

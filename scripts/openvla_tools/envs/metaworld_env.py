@@ -15,13 +15,14 @@ Conventions:
   shadows, reflections or anti-aliasing, which takes ~15 ms per 128 px frame instead of ~140 ms on a CPU.
 * Actions are 4 floats in [-1, 1]: the end effector's (dx, dy, dz) and the gripper effort (1 closes it). The
   environment clips actions to [-1, 1]; `check_action` does the same, so what is recorded is what was executed.
-* A policy has `reset()` (called at the start of every episode) and
-  `select_action(image, instruction, obs) -> float32 [4]`, where `obs` is Meta-World's 39-float state vector. The
-  scripted expert reads `obs` only; an image policy (an OpenVLA model) reads the image and the instruction only. A
-  policy whose `needs_image` attribute is False gets `image=None` on steps that are not recorded, which saves the
-  rendering.
+* A policy is an `openvla_tools.evaluation.Policy`, stepping environments in lock-step:
+  `select_actions(images, instructions, observations) -> float32 [B, 4]`, where each observation is Meta-World's
+  39-float state vector. The scripted expert reads the instruction (which names the task) and the state only; an
+  image policy (an OpenVLA model) reads the image and the instruction only. A policy whose `needs_image` attribute is
+  False gets `None` for the images of steps that are not recorded, which saves the rendering.
 * MuJoCo renders through OpenGL. Without a display this needs `MUJOCO_GL=egl` (set here unless the user set it,
-  before MuJoCo is imported). One environment renders at a time: `close()` an environment before making the next.
+  before MuJoCo is imported). Several environments render in turn (each makes its OpenGL context current first);
+  `close()` every environment before making the next ones, as a context freed later blanks the frames of the others.
   A blank frame means a broken OpenGL context and raises a `RuntimeError` rather than being recorded or acted on.
 """
 
@@ -33,7 +34,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco is imported
 
@@ -43,6 +43,8 @@ import numpy as np  # noqa: E402
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS  # noqa: E402
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from ..evaluation import Policy, StatelessPolicy  # noqa: E402
 
 ACTION_DIM = 4
 TRAIN_SEED = 0
@@ -98,6 +100,7 @@ TASK_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 KNOWN_TASKS = tuple(TASK_INSTRUCTIONS)
+TASK_OF_INSTRUCTION = {instruction: task for task, instructions in TASK_INSTRUCTIONS.items() for instruction in instructions}
 
 
 def check_task(task_name: str) -> str:
@@ -242,44 +245,48 @@ class MetaWorldEnv:
         self.close()
 
 
-class Policy(Protocol):
-    """What `run_episode` steps: `reset()` per episode, `select_action(image, instruction, obs) -> float32 [4]`."""
-
-    def reset(self) -> None: ...
-
-    def select_action(self, image: Image.Image | None, instruction: str, obs: np.ndarray) -> np.ndarray: ...
-
-
-class ScriptedPolicy:
-    """Meta-World's scripted expert for one task. It reads the state vector `obs` and ignores the image."""
+class ScriptedPolicy(StatelessPolicy):
+    """Meta-World's scripted experts: for each environment, the expert of the task its instruction names (any of the
+    task's paraphrases in `TASK_INSTRUCTIONS`), reading the state vector only."""
 
     needs_image = False
 
-    def __init__(self, task_name: str):
-        self.expert = ENV_POLICY_MAP[check_task(task_name)]()
+    def __init__(self):
+        self._experts = {}
 
-    def reset(self) -> None:
-        """The experts keep no state between steps."""
-
-    def select_action(self, image: Image.Image | None, instruction: str, obs: np.ndarray) -> np.ndarray:
+    def select_actions(self, images: Sequence, instructions: Sequence[str], observations: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """`B` instructions and states `[39]` -> float32 `[B, 4]` (the images are not read)."""
+        if observations is None or len(observations) != len(instructions):
+            raise ValueError("The scripted expert acts on Meta-World's state vectors: pass one observation per environment.")
         with warnings.catch_warnings():  # the experts warn whenever their gains saturate an action
             warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
-            return check_action(self.expert.get_action(obs))
+            return np.stack([check_action(self._expert(instruction).get_action(obs)) for instruction, obs in zip(instructions, observations)])
+
+    def _expert(self, instruction: str):
+        task = TASK_OF_INSTRUCTION.get(instruction)
+        if task is None:
+            raise ValueError(
+                f"The scripted expert does not know the instruction {instruction!r}; give one of the paraphrases in "
+                "TASK_INSTRUCTIONS, which name the task."
+            )
+        if task not in self._experts:
+            self._experts[task] = ENV_POLICY_MAP[task]()
+        return self._experts[task]
 
 
-class RandomPolicy:
-    """Uniform actions in [-1, 1]^4 from one seeded stream."""
+class RandomPolicy(StatelessPolicy):
+    """Uniform actions in [-1, 1]^4 from one seeded stream, which goes on across episodes."""
 
     needs_image = False
 
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
 
-    def reset(self) -> None:
-        """The stream goes on across episodes."""
+    def select_actions(self, images: Sequence, instructions: Sequence[str], observations: Sequence | None = None) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, (len(instructions), ACTION_DIM)).astype(np.float32)
 
-    def select_action(self, image: Image.Image | None, instruction: str, obs: np.ndarray) -> np.ndarray:
-        return self.rng.uniform(-1.0, 1.0, ACTION_DIM).astype(np.float32)
+
+BASELINES = {"scripted": ScriptedPolicy, "random": RandomPolicy}
 
 
 @dataclass
@@ -313,13 +320,29 @@ def run_episode(
     action_noise: float = 0.0,
     rng: np.random.Generator | None = None,
 ) -> Episode:
-    """Roll `policy` out on `variation` for at most `env.max_steps` steps.
+    """Roll `policy` out on `variation` for at most `env.max_steps` steps: `run_episodes` with one environment."""
+    return run_episodes([env], [variation], policy, [instruction], steps_after_success, [record], action_noise, rng)[0]
+
+
+def run_episodes(
+    envs: Sequence[MetaWorldEnv],
+    variations: Sequence[metaworld.Task],
+    policy: Policy,
+    instructions: Sequence[str],
+    steps_after_success: int | None = 0,
+    record: Sequence[bool] | None = None,
+    action_noise: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> list[Episode]:
+    """Roll `policy` out on `envs` in lock-step, environment `i` on `variations[i]` with `instructions[i]`, for at
+    most `max_steps` steps each. `policy.reset()` starts the episodes and `policy.drop` removes the environments
+    whose episodes ended from its batch.
 
     Args:
-        steps_after_success: steps taken after `info["success"]` first turns 1 before the episode stops (0: stop at
-            once, as in evaluation); `None` runs all `env.max_steps` steps.
-        record: keep every frame in `Episode.images` (otherwise only the actions, and frames are rendered only for
-            a policy that needs them).
+        steps_after_success: steps taken after `info["success"]` first turns 1 before an episode stops (0: stop at
+            once, as in evaluation); `None` runs all `max_steps` steps.
+        record: per environment, keep every frame in `Episode.images` (default: all; otherwise only the actions, and
+            frames are rendered only for a policy that needs them).
         action_noise: standard deviation of Gaussian noise (from `rng`) added to every action before it is executed
             (clipped to [-1, 1]). `Episode.actions` keeps the policy's own actions, so an expert rolled out with noise
             gives demonstrations of how to recover from states off its own path (DART, Laskey et al. 2017).
@@ -328,20 +351,44 @@ def run_episode(
         raise ValueError(f"action_noise={action_noise} must be >= 0 (a standard deviation in action units).")
     if action_noise and rng is None:
         raise ValueError("Pass rng (a numpy Generator) with action_noise > 0, so the noise is reproducible.")
-    image, obs = env.reset(variation)
+    record = [True] * len(envs) if record is None else list(record)
+    if not len(envs) == len(variations) == len(instructions) == len(record):
+        raise ValueError(
+            f"Got {len(envs)} environments, {len(variations)} variations, {len(instructions)} instructions and "
+            f"{len(record)} record flags; give one of each per environment."
+        )
+    needs_image = getattr(policy, "needs_image", True)
+    images, observations, episodes = [], [], []
+    for env, variation, instruction, recorded in zip(envs, variations, instructions, record):
+        image, obs = env.reset(variation)
+        images.append(image)
+        observations.append(obs)
+        episodes.append(Episode(env.task_name, instruction, [image] if recorded else []))
     policy.reset()
-    render = record or getattr(policy, "needs_image", True)
-    episode = Episode(env.task_name, instruction, [image] if record else [])
-    for step in range(1, env.max_steps + 1):
-        action = check_action(policy.select_action(image, instruction, obs))
-        executed = action + rng.normal(0.0, action_noise, ACTION_DIM) if action_noise else action
-        image, obs, success = env.step(executed, render=render)
-        episode.actions.append(action)
-        if record:
-            episode.images.append(image)
-        if success and episode.success_step is None:
-            episode.success_step = step
-        if steps_after_success is not None and episode.success and step >= episode.success_step + steps_after_success:
-            break
-    return episode
-
+    active = list(range(len(envs)))
+    while active:
+        actions = np.asarray(policy.select_actions(
+            [images[i] for i in active], [instructions[i] for i in active], [observations[i] for i in active]
+        ))
+        if actions.shape[:1] != (len(active),):
+            raise ValueError(f"The policy returned {actions.shape} actions for {len(active)} environments; return one each.")
+        finished = []
+        for position, (i, action) in enumerate(zip(active, actions)):
+            action = check_action(action)
+            executed = action + rng.normal(0.0, action_noise, ACTION_DIM) if action_noise else action
+            episode = episodes[i]
+            images[i], observations[i], success = envs[i].step(executed, render=record[i] or needs_image)
+            episode.actions.append(action)
+            if record[i]:
+                episode.images.append(images[i])
+            if success and episode.success_step is None:
+                episode.success_step = episode.num_steps
+            stop = steps_after_success is not None and episode.success and (
+                episode.num_steps >= episode.success_step + steps_after_success
+            )
+            if stop or envs[i].steps >= envs[i].max_steps:
+                finished.append(position)
+        if finished:
+            policy.drop(finished)
+        active = [i for position, i in enumerate(active) if position not in finished]
+    return episodes

@@ -25,9 +25,9 @@ Conventions:
   ``seed + i`` (default 0, 1, ...), and episode ``i`` of :func:`evaluate_policy` uses
   ``seed + i`` (default 10_000, 10_001, ...), so held-out scenes are not training scenes.
 
-A policy is any callable ``policy(images, instructions) -> actions`` taking a list of B
-PIL images and B strings and returning a ``[B, 7]`` array. :func:`expert_policy` follows
-the same protocol: it solves the task from the pixels and the instruction alone (by
+A policy is an ``openvla_tools.evaluation.Policy``: ``select_actions(images, instructions)``
+takes B PIL images and B strings and returns a ``[B, 7]`` array (``OpenVLAPolicy`` for a model).
+:class:`ScriptedPolicy` solves the task from the pixels and the instruction alone (by
 colour segmentation), showing the observations are sufficient. The demonstrations
 use the privileged :meth:`TabletopEnv.expert_action`, which reads the true state.
 
@@ -37,7 +37,7 @@ preview image; ``python scripts/evaluate.py --env tabletop`` evaluates a policy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from modeling_openvla import OpenVLAPolicy
+
+from ..evaluation import Policy, StatelessPolicy, check_positive, rollout_video_path, save_rollout_video
 
 ACTION_DIM = 7
 FPS = 10  # nominal frame rate of recorded episodes: the task has no clock, one step per frame
@@ -82,10 +84,6 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
 DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 REACH_TEMPLATES = ("move to the {object}", "go to the {object}", "reach the {object}")
 PUSH_TEMPLATES = ("push the {object} {direction}", "slide the {object} {direction}")
-
-# policy(images, instructions) -> actions [B, ACTION_DIM]
-Policy = Callable[[list[Image.Image], list[str]], np.ndarray]
-
 
 @dataclass(frozen=True)
 class SceneObject:
@@ -267,6 +265,11 @@ class TabletopEnv:
         """The point ``[2]`` the gripper must reach in the current episode."""
         return self._require_task().goal
 
+    @property
+    def task_kind(self) -> str:
+        """The kind of the current episode's goal, ``"reach"`` or ``"push"``."""
+        return "reach" if self._require_task().direction is None else "push"
+
     def _require_task(self) -> Task:
         if self.task is None:
             raise RuntimeError("call reset() before using the environment")
@@ -357,35 +360,40 @@ def parse_instruction(instruction: str) -> tuple[str, str | None]:
     return colors[0], direction
 
 
-def expert_policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
-    """A scripted policy that sees only what a model sees: it parses the instruction,
-    segments the image by colour and moves toward the goal (closing the gripper on the
-    step that should end within ``SUCCESS_RADIUS`` of it). Returns ``[B, 7]`` float32."""
-    actions = []
-    for image, instruction in zip(images, instructions, strict=True):
-        color, direction = parse_instruction(instruction)
-        objects = locate_objects(image)
-        if color not in objects:
-            raise ValueError(f"no {color} object visible for instruction {instruction!r}")
-        goal = objects[color]
-        if direction is not None:
-            goal = goal + PUSH_DISTANCE * np.asarray(DIRECTIONS[direction])
-        actions.append(move_toward(locate_gripper(image), goal))
-    return np.stack(actions)
+class ScriptedPolicy(StatelessPolicy):
+    """A scripted policy that sees only what a model sees: it parses the instruction, segments the image by colour
+    and moves toward the goal (closing the gripper on the step that should end within ``SUCCESS_RADIUS`` of it)."""
+
+    def select_actions(self, images: Sequence[Image.Image], instructions: Sequence[str], observations=None) -> np.ndarray:
+        """``B`` images and instructions -> ``[B, 7]`` float32."""
+        actions = []
+        for image, instruction in zip(images, instructions, strict=True):
+            color, direction = parse_instruction(instruction)
+            objects = locate_objects(image)
+            if color not in objects:
+                raise ValueError(f"no {color} object visible for instruction {instruction!r}")
+            goal = objects[color]
+            if direction is not None:
+                goal = goal + PUSH_DISTANCE * np.asarray(DIRECTIONS[direction])
+            actions.append(move_toward(locate_gripper(image), goal))
+        return np.stack(actions)
 
 
-def random_policy(seed: int = 0) -> Policy:
-    """A policy of uniformly random moves (each of dx, dy in ``[-MAX_STEP, MAX_STEP]``)
-    and random gripper commands, drawn from its own seeded generator."""
-    rng = np.random.default_rng(seed)
+class RandomPolicy(StatelessPolicy):
+    """Uniformly random moves (each of dx, dy in ``[-MAX_STEP, MAX_STEP]``) and random gripper commands, from one
+    seeded stream."""
 
-    def policy(images: list[Image.Image], instructions: list[str]) -> np.ndarray:
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def select_actions(self, images: Sequence[Image.Image], instructions: Sequence[str], observations=None) -> np.ndarray:
         actions = np.zeros((len(images), ACTION_DIM), dtype=np.float32)
-        actions[:, :2] = rng.uniform(-MAX_STEP, MAX_STEP, size=(len(images), 2))
-        actions[:, 6] = rng.integers(0, 2, size=len(images))
+        actions[:, :2] = self.rng.uniform(-MAX_STEP, MAX_STEP, size=(len(images), 2))
+        actions[:, 6] = self.rng.integers(0, 2, size=len(images))
         return actions
 
-    return policy
+
+BASELINES = {"scripted": ScriptedPolicy, "random": RandomPolicy}
 
 
 # ----------------------------------------------------------------------------------
@@ -446,22 +454,26 @@ def _check_actions(actions: np.ndarray, batch: int) -> np.ndarray:
     return actions
 
 
-def _rollout(policy: Policy, envs: list[TabletopEnv], num_recorded: int, bar: tqdm) -> list[list[Image.Image]]:
-    """Steps freshly reset ``envs`` in lock-step, calling ``policy`` once per step on
-    the unfinished ones, until all are done. Returns the frames of the first
-    ``num_recorded`` envs (none if negative), from first observation to last."""
+def _rollout(policy: Policy, envs: list[TabletopEnv], recorded: Sequence[bool], bar: tqdm) -> list[list[Image.Image]]:
+    """Steps freshly reset ``envs`` in lock-step, calling ``policy`` once per step on the unfinished ones (those that
+    finish are dropped from its batch), until all are done. Returns the frames of the envs marked in ``recorded``, from
+    first observation to last (empty lists for the others)."""
     images = [env.render() for env in envs]
-    frames = [[images[i]] for i in range(min(num_recorded, len(envs)))]
+    frames = [[image] if record else [] for image, record in zip(images, recorded, strict=True)]
+    policy.reset()
     active = list(range(len(envs)))
     while active:
-        actions = policy([images[i] for i in active], [envs[i].instruction for i in active])
+        actions = policy.select_actions([images[i] for i in active], [envs[i].instruction for i in active])
         actions = _check_actions(actions, len(active))
         for i, action in zip(active, actions, strict=True):
             images[i], done, _ = envs[i].step(action)
-            if i < len(frames):
+            if recorded[i]:
                 frames[i].append(images[i])
             if done:
                 bar.update()
+        finished = [position for position, i in enumerate(active) if envs[i].done]
+        if finished:
+            policy.drop(finished)
         active = [i for i in active if not envs[i].done]
     return frames
 
@@ -478,38 +490,58 @@ def evaluate_policy(
     strip_path: str | Path | None = None,
     strip_episodes: int = 4,
     task_kinds: Sequence[str] = TASK_KINDS,
+    video_episodes: int = 4,
 ) -> dict:
     """Runs ``policy`` in closed loop on ``num_episodes`` environments (episode ``i``
     from seed ``seed + i``), ``batch_size`` of them (default all) in lock-step.
 
-    ``policy(images, instructions)`` gets B images and B instructions and returns
-    ``[B, 7]`` actions. If ``strip_path`` is given, the first ``strip_episodes``
-    episodes are saved there with :func:`save_episode_strip`. ``task_kinds`` limits the
-    goals as in :class:`TabletopEnv`.
+    ``policy.select_actions(images, instructions)`` gets B images and B instructions and returns
+    ``[B, 7]`` actions; ``policy.reset()`` starts every batch and ``policy.drop`` removes the
+    environments whose episodes ended. If ``strip_path`` is given, the first ``strip_episodes``
+    episodes are saved there with :func:`save_episode_strip`, and the first ``video_episodes``
+    of each task kind as a rollout video next to it (``openvla_tools.evaluation.rollout_video_path``).
+    ``task_kinds`` limits the goals as in :class:`TabletopEnv`.
 
-    Returns ``{"success_rate", "num_episodes", "mean_steps", "successes"}``.
+    Returns ``{"success_rate", "num_episodes", "mean_steps", "task_success", "successes"}``;
+    ``task_success`` holds the success rate of each task kind that occurred.
     """
-    batch_size = batch_size or num_episodes
-    num_recorded = min(strip_episodes, num_episodes) if strip_path is not None else 0
+    check_positive("num_episodes", num_episodes)
+    batch_size = check_positive("batch_size", batch_size or num_episodes)
     envs: list[TabletopEnv] = []
     frames: list[list[Image.Image]] = []
+    videos: dict[str, list[int]] = {kind: [] for kind in check_task_kinds(task_kinds)}  # kind -> recorded episodes
     with tqdm(total=num_episodes, desc="evaluation", disable=not progress) as bar:
         for start in range(0, num_episodes, batch_size):
             seeds = range(seed + start, seed + min(start + batch_size, num_episodes))
             batch = [TabletopEnv(image_size, num_objects, max_steps, task_kinds=task_kinds) for _ in seeds]
-            for env, episode_seed in zip(batch, seeds, strict=True):
+            recorded = []
+            for index, (env, episode_seed) in enumerate(zip(batch, seeds, strict=True), start=len(envs)):
                 env.reset(episode_seed)
-            frames += _rollout(policy, batch, num_recorded - start, bar)
+                in_video = strip_path is not None and len(videos[env.task_kind]) < video_episodes
+                if in_video:
+                    videos[env.task_kind].append(index)
+                recorded.append(in_video or (strip_path is not None and index < strip_episodes))
+            frames += _rollout(policy, batch, recorded, bar)
             envs += batch
             bar.set_postfix(success=f"{np.mean([env.success for env in envs]):.2f}")
     successes = [env.success for env in envs]
+    outcomes = [f"{env.instruction}: {'success' if env.success else 'failure'}" for env in envs]
     if strip_path is not None:
-        captions = [f"{env.instruction}: {'success' if env.success else 'failure'}" for env in envs[:num_recorded]]
-        save_episode_strip(frames, strip_path, captions)
+        shown = range(min(strip_episodes, num_episodes))
+        save_episode_strip([frames[i] for i in shown], strip_path, [outcomes[i] for i in shown])
+        for kind, indices in videos.items():
+            if indices:
+                captions = ["success" if successes[i] else "failure" for i in indices]
+                save_rollout_video([frames[i] for i in indices], rollout_video_path(strip_path, kind), captions, fps=FPS // 2)
+    kinds = [env.task_kind for env in envs]
     return {
         "success_rate": float(np.mean(successes)),
         "num_episodes": num_episodes,
         "mean_steps": float(np.mean([env.steps for env in envs])),
+        "task_success": {
+            kind: float(np.mean([s for s, k in zip(successes, kinds, strict=True) if k == kind]))
+            for kind in videos if kind in kinds
+        },
         "successes": successes,
     }
 
@@ -552,27 +584,12 @@ def episode_frames(dataset: datasets.Dataset, num_episodes: int) -> tuple[list[l
     return frames, captions
 
 
-class ModelPolicy:
-    """`policy(images, instructions) -> [B, action_dim]` for `evaluate_policy`, whose batch shrinks as episodes end:
-    an `OpenVLAPolicy` (a local model, or a served one through `RemotePolicy`) that re-plans at every step, so the
-    first action of each predicted chunk is executed."""
-
-    def __init__(self, policy: OpenVLAPolicy):
-        if policy.n_action_steps != 1:
-            raise ValueError(f"The tabletop evaluator re-plans at every step; build the policy with n_action_steps=1, got {policy.n_action_steps}.")
-        self.policy = policy
-
-    def __call__(self, images: list, instructions: list[str]) -> np.ndarray:
-        self.policy.reset()
-        return self.policy.select_actions(images, instructions)
-
-
 @torch.no_grad()
 def evaluate_model(model, processor, num_episodes: int = 100, seed: int = 10_000, unnorm_key: str | None = None,
                    batch_size: int | None = 50, strip_path: Path | None = None,
-                   task_kinds: Sequence[str] = TASK_KINDS) -> dict[str, Any]:
+                   task_kinds: Sequence[str] = TASK_KINDS, n_action_steps: int | None = None) -> dict[str, Any]:
     """Success rate of `model` on `num_episodes` held-out tabletop episodes (seeds `seed`, `seed + 1`, ...) whose goals
-    are of `task_kinds`."""
-    policy = ModelPolicy(OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=1))
+    are of `task_kinds`, acting through `OpenVLAPolicy` (`n_action_steps` of each chunk, by default all of it)."""
+    policy = OpenVLAPolicy(model.eval(), processor, unnorm_key, n_action_steps=n_action_steps)
     return evaluate_policy(policy, num_episodes, seed=seed, batch_size=batch_size,
                            strip_path=strip_path, task_kinds=task_kinds)
