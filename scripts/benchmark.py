@@ -38,6 +38,25 @@ JSON (`--json FILE`):
     {"device": ..., "matmul_peak_gflops": ..., "rows": [{"config", "mode", "batch_size", "chunk_size", "latency_ms",
      "actions_per_s", "speedup", "peak_mem_mb", "flops_per_call", "peak_fraction"}, ...]}
 
+Training (`--train`, instead of the inference rows): for the small config, the Meta-World recipe's model
+(configs/recipes/metaworld.yaml's `config_overrides`, `action_decoding`, `action_chunk_size`) and the mid config,
+each with full fine-tuning and LoRA (`scripts/finetune.py`'s defaults: rank 32, all linear layers, the projector
+trained fully), built from scratch by `scripts/finetune.py`'s own functions and trained on the built-in tabletop
+demonstrations (`--train_episodes`, read through its LeRobot path and its `ProcessedDemonstrations`):
+
+    model           forward + backward + optimizer step of its `Trainer` (fused AdamW) on one batch already in memory
+    data            its `Trainer`'s dataloader alone (dataset rows -> images -> processor -> collator), batch after batch
+    loop            its `Trainer.train()` steps (data, step, callbacks), timed after two warm-up steps
+
+    python scripts/benchmark.py --train --json outputs/benchmark_train.json            # small, metaworld, mid
+    python scripts/benchmark.py --train --config metaworld --dtype bfloat16             # the Trainer's --bf16 autocast
+
+Training rows: {"config", "mode": "train", "variant": "model"|"data"|"loop", "tuning": "full"|"lora", "dtype",
+"batch_size", "latency_ms" (one step, or one batch for data), "samples_per_s", "peak_mem_mb", "flops_per_call" (one
+step: forward and backward; 0 for data), "peak_fraction"}. With `--dtype bfloat16` the weights stay float32 and the
+steps run under the Trainer's bfloat16 autocast (`--bf16`); the matmul peak is then bfloat16's. `--compile` sets the
+Trainer's `torch_compile` (the loop rows compile; the model rows stay eager).
+
 `--compile` uses a static KV cache and `torch.compile` for the autoregressive rows (generate's own compiled decoding
 step) and compiles the forward pass of the parallel rows; the baseline stays the uncompiled official path. FLOPs are
 counted on an eager call. `--profile` prints the top `torch.profiler` ops of the baseline, parallel and forward rows.
@@ -51,6 +70,7 @@ import os
 import re
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -58,16 +78,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import datasets
+import finetune
+import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+import yaml
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, TrainerCallback
 from transformers.generation import CompileConfig
 
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction
+from processing_openvla import compute_action_stats
 
 REPO = Path(__file__).resolve().parents[1]
+METAWORLD_RECIPE = REPO / "configs" / "recipes" / "metaworld.yaml"
+TRAIN_CONFIGS = ("small", "metaworld", "mid")
 
 MID_OPTIONS = {
     "image_size": 224,
@@ -175,12 +202,34 @@ def measure_matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, trial
     return best / 1e9
 
 
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+def _with_query_heads(shape: torch.Size, query_shape: torch.Size) -> tuple[int, ...]:
+    """A key/value shape `[batch, kv_heads, length, dim]` with the query's heads: grouped-query attention costs what
+    attention over the repeated key/value heads costs."""
+    return (shape[0], query_shape[1], *shape[2:])
 
 
-# FlopCounterMode knows the CUDA SDPA kernels but not the CPU one.
-FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, _with_query_heads(key_shape, query_shape), _with_query_heads(value_shape, query_shape))
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(
+        grad_out_shape, query_shape, _with_query_heads(key_shape, query_shape), _with_query_heads(value_shape, query_shape)
+    )
+
+
+# FlopCounterMode does not know the CPU SDPA kernel, and before torch 2.12 its formulas for the CUDA kernels reject
+# grouped-query attention (fewer key/value heads than query heads, as in the Llama decoder here).
+FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_efficient_attention: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_cudnn_attention: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_backward: _sdpa_backward_flops,
+    torch.ops.aten._scaled_dot_product_efficient_attention_backward: _sdpa_backward_flops,
+    torch.ops.aten._scaled_dot_product_cudnn_attention_backward: _sdpa_backward_flops,
+}
 
 
 def count_flops(fn: Callable[[], Any]) -> float:
@@ -362,6 +411,181 @@ def _inference(fn: Callable[..., Any], inputs: dict[str, torch.Tensor]):
         return fn(**inputs)
 
 
+# ------------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class TrainRow:
+    config: str
+    mode: str  # always "train"
+    variant: str  # "model", "data" or "loop"
+    tuning: str  # "full" or "lora"
+    dtype: str
+    batch_size: int
+    latency_ms: float  # one step (model, loop) or one batch (data)
+    samples_per_s: float
+    peak_mem_mb: float
+    flops_per_call: float  # one training step (forward + backward); 0 for the data rows
+    peak_fraction: float
+
+
+def train_model_arguments(name: str) -> "finetune.ModelArguments":
+    """`scripts/finetune.py`'s model arguments for a model trained from scratch: the plain small config, the Meta-World
+    recipe's model (`config_overrides`, `action_decoding`, `action_chunk_size` of configs/recipes/metaworld.yaml) or
+    the mid config."""
+    if name == "small":
+        return finetune.ModelArguments(from_scratch=True)
+    if name == "mid":
+        return finetune.ModelArguments(from_scratch=True, config_overrides=",".join(f"{k}={v}" for k, v in MID_OPTIONS.items()))
+    if name == "metaworld":
+        recipe = yaml.safe_load(METAWORLD_RECIPE.read_text())
+        options = {key: recipe[key] for key in ("config_overrides", "action_decoding", "action_chunk_size") if key in recipe}
+        return finetune.ModelArguments(from_scratch=True, **options)
+    raise ValueError(f"--train config {name!r} is not one of {TRAIN_CONFIGS}.")
+
+
+def training_data(args: argparse.Namespace) -> tuple[datasets.Dataset, "finetune.DataArguments", np.ndarray]:
+    """The built-in tabletop demonstrations as `scripts/finetune.py` reads them (LeRobot folder in the `datasets`
+    cache), checked by its `validate_dataset`: rows, data arguments and actions."""
+    data_args = finetune.DataArguments(num_demo_episodes=args.train_episodes, image_augmentation=args.train_augmentation)
+    raw, data_args = finetune.load_training_data(data_args, args.seed)
+    return raw, data_args, finetune.validate_dataset(raw, data_args)
+
+
+def build_trainer(name: str, tuning: str, data, args: argparse.Namespace, max_steps: int, output_dir: Path):
+    """`scripts/finetune.py`'s own pieces: its model (from scratch, LoRA through `apply_training_mode`), its
+    `ProcessedDemonstrations` with statistics from the rows, and its `Trainer` subclass with its collator."""
+    raw, data_args, actions = data
+    model_args = train_model_arguments(name)
+    model_args.use_lora = tuning == "lora"
+    torch.manual_seed(args.seed)
+    model, processor = finetune.build_model_and_processor(model_args, actions.shape[1])
+    names = finetune.dataset_names(raw, data_args, finetune.BUILTIN_DATASET)
+    model.config.norm_stats = {finetune.BUILTIN_DATASET: compute_action_stats(actions)}
+    processor.norm_stats = dict(model.config.norm_stats)
+    labels = finetune.action_labels(raw, data_args, model.config.action_chunk_size)
+    dataset = finetune.ProcessedDemonstrations(
+        raw, labels, names, processor, data_args, args.seed if data_args.image_augmentation else None
+    )
+    model = finetune.apply_training_mode(model, model_args)
+    training_args = finetune.FinetuneTrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=args.train_batch_size,
+        save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True, seed=args.seed,
+        bf16=args.dtype == "bfloat16", use_cpu=not args.device.startswith("cuda"), dataloader_num_workers=args.num_workers,
+        torch_compile=args.compile,
+    )
+    return finetune.AtomicCheckpointTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=processor.data_collator,
+        callbacks=[finetune.EpochCallback(dataset)],
+    )
+
+
+def _training_step(trainer, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """One step as the `Trainer` takes it: its `compute_loss` under its `Accelerator`'s autocast (bfloat16 with
+    `--dtype bfloat16`, which the Trainer's prepared model runs under), backward through the `Accelerator`, the
+    optimizer's step."""
+    trainer.model.train()
+    with trainer.accelerator.autocast():
+        loss = trainer.compute_loss(trainer.model, batch)
+    trainer.accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class StepClock(TrainerCallback):
+    """Times the `Trainer`'s steps after the first `warm_up` of them."""
+
+    def __init__(self, warm_up: int, device: str):
+        self.warm_up = warm_up
+        self.device = device
+        self.start = self.end = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize(self.device)
+        if state.global_step == self.warm_up:
+            self.start = time.perf_counter()
+        self.end = time.perf_counter()
+
+
+def benchmark_training(name: str, args: argparse.Namespace, memory: PeakMemory, data, workdir: Path) -> list[TrainRow]:
+    """The model-step, data and loop rows of config `name`, full fine-tuning and LoRA."""
+    steps = 2 if args.quick else args.repeats
+    batches = 4 if args.quick else 4 * args.repeats
+    rows = []
+    for tuning in tqdm(("full", "lora"), desc=f"train {name}", unit="tuning", leave=False):
+        row = partial(TrainRow, config=name, mode="train", tuning=tuning, dtype=args.dtype, batch_size=args.train_batch_size)
+
+        # model step alone: forward + backward + optimizer step on one batch already in memory
+        trainer = build_trainer(name, tuning, data, args, steps, workdir / f"{name}-{tuning}")
+        loader = trainer.get_train_dataloader()
+        batch = next(iter(loader))
+        optimizer = trainer.create_optimizer()
+        model_step = partial(_training_step, trainer, batch, optimizer)
+        model_step()  # warm-up (creates the optimizer state)
+        flops = count_flops(model_step)
+        latency, peak_mem = time_calls(model_step, steps, args.device, memory)
+        rows.append(row(variant="model", latency_ms=latency * 1e3, samples_per_s=args.train_batch_size / latency,
+                        peak_mem_mb=peak_mem, flops_per_call=flops, peak_fraction=0.0))
+        if args.profile:
+            profile_top_ops(model_step, args.device, f"train {name} {tuning}: model step")
+
+        # data pipeline alone: the Trainer's dataloader, batch after batch
+        iterator = iter(loader)
+        next(iterator)
+        memory.start()
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        elapsed = (time.perf_counter() - start) / batches
+        rows.append(row(variant="data", latency_ms=elapsed * 1e3, samples_per_s=args.train_batch_size / elapsed,
+                        peak_mem_mb=memory.stop(), flops_per_call=0.0, peak_fraction=0.0))
+        trainer = loader = iterator = batch = optimizer = None
+        gc.collect()
+
+        # the real loop: the Trainer's own steps, timed after two warm-up steps
+        warm_up = 2
+        trainer = build_trainer(name, tuning, data, args, warm_up + steps, workdir / f"{name}-{tuning}-loop")
+        clock = StepClock(warm_up, args.device)
+        trainer.add_callback(clock)
+        memory.start()
+        trainer.train()
+        peak_mem = memory.stop()
+        latency = (clock.end - clock.start) / steps
+        rows.append(row(variant="loop", latency_ms=latency * 1e3, samples_per_s=args.train_batch_size / latency,
+                        peak_mem_mb=peak_mem, flops_per_call=flops, peak_fraction=0.0))
+        trainer = None
+        gc.collect()
+    return rows
+
+
+def format_train_table(rows: list[TrainRow]) -> str:
+    header = f"{'config':<10} {'variant':<7} {'tuning':<6} {'dtype':<9} {'batch':>5} {'ms/step':>9} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'% peak':>7}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row.config:<10} {row.variant:<7} {row.tuning:<6} {row.dtype:<9} {row.batch_size:>5} {row.latency_ms:>9.1f} "
+            f"{row.samples_per_s:>10.2f} {row.peak_mem_mb:>9.1f} {row.flops_per_call / 1e9:>11.2f} {100 * row.peak_fraction:>6.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def train_target_report(rows: list[TrainRow]) -> str:
+    """The issue's training targets: the loop at >= 90% of the model step's rate (small config and Meta-World
+    recipe), the mid config's float32 model step at >= 40% of the matmul peak."""
+    by_key = {(row.config, row.variant, row.tuning): row for row in rows}
+    lines = []
+    for (config, variant, tuning), row in by_key.items():
+        checks = []
+        if variant == "loop" and config in ("small", "metaworld"):
+            ratio = row.samples_per_s / by_key[(config, "model", tuning)].samples_per_s
+            checks.append((f"{tuning}: loop >= 90% of the model step's samples/s", ratio, ratio >= 0.9))
+        if variant == "model" and config == "mid" and tuning == "full" and row.dtype == "float32":
+            checks.append(("full: model step >= 40% of matmul peak", row.peak_fraction, row.peak_fraction >= 0.4))
+        for text, value, ok in checks:
+            lines.append(f"{config:<10} {text:<55} {value:>8.2f}  {'met' if ok else 'MISSED'}")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------------------------- report
 
 
@@ -416,7 +640,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk_size", type=int, default=8)
     parser.add_argument("--prompt_len", type=int, default=20, help="prompt tokens after the image (official prompts have ~20)")
     parser.add_argument("--seed", type=int, default=0)
+    training = parser.add_argument_group("training (--train)")
+    training.add_argument("--train", action="store_true", help="the training rows (model step, data pipeline, real loop) instead of the inference rows")
+    training.add_argument("--train_batch_size", type=int, default=16, help="batch of every training row (the Meta-World recipe's: 16)")
+    training.add_argument("--train_episodes", type=int, default=None, help="built-in tabletop episodes to train on (default 40; 8 with --quick)")
+    training.add_argument("--train_augmentation", action="store_true", help="image augmentation in the data path (off in the recipes)")
+    training.add_argument("--num_workers", type=int, default=0, help="dataloader worker processes of the training rows")
     args = parser.parse_args(argv)
+    if args.train:
+        args.config = args.config or (["small"] if args.quick else list(TRAIN_CONFIGS))
+        unknown = [name for name in args.config if name not in TRAIN_CONFIGS]
+        if unknown:
+            parser.error(f"--train --config {unknown}: the training rows build {list(TRAIN_CONFIGS)} from scratch.")
+        args.train_episodes = args.train_episodes or (8 if args.quick else 40)
     if args.config is None:
         args.config = ["small"] if args.quick else ["small", "mid"]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -435,7 +671,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"memory: {memory.method}; load average {_load_average()}"
     )
     rows = []
-    for name in args.config:
+    if args.train:
+        data = training_data(args)
+        with tempfile.TemporaryDirectory() as workdir:
+            for name in args.config:
+                rows += benchmark_training(name, args, memory, data, Path(workdir))
+    for name in [] if args.train else args.config:
         try:
             rows += benchmark_config(name, args, memory)
         except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
@@ -446,9 +687,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row.peak_fraction = row.flops_per_call / (row.latency_ms / 1e3) / (peak_gflops * 1e9)
     print(f"matmul peak {peak_gflops:.1f} GFLOP/s (best of the start and the end of the run); load average {_load_average()}")
     result = {"device": args.device, "matmul_peak_gflops": peak_gflops, "rows": [asdict(row) for row in rows]}
-    print(format_table(rows))
+    print(format_train_table(rows) if args.train else format_table(rows))
     print("\nTargets:")
-    print(target_report(rows, args.chunk_size))
+    print(train_target_report(rows) if args.train else target_report(rows, args.chunk_size))
     print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

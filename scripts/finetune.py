@@ -66,6 +66,7 @@ from openvla_tools.envs.tabletop import TASK_KINDS, check_task_kinds, evaluate_m
 from openvla_tools.lerobot_format import load_lerobot_dataset, parse_episodes, resolve_lerobot_dataset
 from openvla_tools.lerobot_writer import write_lerobot_dataset
 from openvla_tools.model_card import push_folder, write_model_card
+from openvla_tools.open_loop import replay_for_model_card
 from openvla_tools.vision_pretraining import PatchColourTarget, pretrain_vision
 from processing_openvla import (
     IGNORE_INDEX,
@@ -229,7 +230,10 @@ def builtin_demonstrations(num_episodes: int, seed: int, task_kinds: Sequence[st
     folder = Path(datasets.config.HF_DATASETS_CACHE) / "openvla_builtin_demos" / key
     if not (folder / "meta" / "info.json").exists():
         demos = generate_demonstrations(num_episodes, seed=seed, dataset_name=BUILTIN_DATASET, task_kinds=task_kinds)
-        write_lerobot_dataset(demos, folder, fps=TABLETOP_FPS, image_storage="image", robot_type=BUILTIN_DATASET)
+        try:
+            write_lerobot_dataset(demos, folder, fps=TABLETOP_FPS, image_storage="image", robot_type=BUILTIN_DATASET)
+        except FileExistsError:
+            pass  # another run (or another process of `accelerate launch`) wrote the same demonstrations first
     return load_lerobot_dataset(folder, dataset_name=BUILTIN_DATASET)
 
 
@@ -247,7 +251,13 @@ def load_raw_dataset(name: str | None, num_demo_episodes: int, seed: int, task_k
     elif path.is_dir():
         loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
     else:
-        loaded = datasets.load_dataset(name)
+        try:
+            loaded = datasets.load_dataset(name)
+        except (FileNotFoundError, ConnectionError) as error:  # DatasetNotFoundError is a FileNotFoundError
+            raise ValueError(
+                f"Dataset {name!r} is neither a local folder or file nor a dataset on the Hub ({error}); check the name, "
+                "or download it first."
+            ) from error
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise ValueError(f"Dataset {name!r} has splits {list(loaded)} but no 'train' split.")
@@ -438,29 +448,101 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 class ProcessedDemonstrations(torch.utils.data.Dataset):
     """Rows of a demonstration dataset turned into model inputs by the processor (one unpadded row each).
 
-    Augmentation draws from a generator seeded by `(seed, epoch, row)`, so a run resumed from a checkpoint sees the
-    same augmented images as one that ran straight through (`EpochCallback` keeps `epoch` current).
+    The work that does not change between epochs is done once, when the dataset is built: each distinct instruction's
+    prompt is tokenised once and all rows' action labels in one array operation (`encode_action_rows`), and, without
+    augmentation, each image is decoded and resized once into a uint8 column that `datasets` caches on disk
+    (`resized_images`), so that a step only rescales and normalises its images. With augmentation each step decodes
+    and augments its images afresh, as the augmentation differs per epoch: it draws from a generator seeded by
+    `(seed, epoch, row)`, so a run resumed from a checkpoint sees the same augmented images as one that ran straight
+    through (`EpochCallback` keeps `epoch` current). Either way a row equals `processor.process_example` of its image
+    (augmented or not), instruction, labels and dataset name.
     """
 
     def __init__(self, dataset: datasets.Dataset, labels: np.ndarray, names: list[str], processor: OpenVLAProcessor,
                  args: DataArguments, augment_seed: int | None = None):
         self.dataset = dataset
-        self.labels = labels
-        self.names = names
         self.processor = processor
         self.args = args
         self.augment_seed = augment_seed
         self.epoch = 0
+        instructions = list(dataset[args.instruction_column])
+        self.prompts = {text: processor.encode_row(text)["input_ids"] for text in dict.fromkeys(instructions)}
+        self.instructions = instructions
+        self.action_ids = encode_action_rows(processor, instructions, labels, names)
+        self.pixels = resized_images(dataset, args.image_column, processor.image_processor) if augment_seed is None else None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.dataset[int(index)]
-        image = _as_image(row[self.args.image_column], index, self.args.image_column)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The rows at `indices` (the `DataLoader` fetches a batch through this in one call): their images read from
+        the cache in one slice and normalised by one image processor call, or decoded (and augmented) one by one."""
+        indices = [int(index) for index in indices]
+        image_processor = self.processor.image_processor
+        if self.pixels is not None:
+            size = image_processor.image_size
+            pixels = self.pixels[indices]["pixels"].reshape(len(indices), 3, size, size)
+            pixel_values = image_processor(pixels, do_resize=False, input_data_format="channels_first")["pixel_values"]
+        else:
+            pixel_values = [image_processor(self._image(index))["pixel_values"][0] for index in indices]
+        rows = []
+        for index, values in zip(indices, pixel_values):
+            prompt, action_ids = self.prompts[self.instructions[index]], self.action_ids[index].tolist()
+            input_ids = prompt + action_ids
+            rows.append({
+                "input_ids": input_ids,
+                "labels": [IGNORE_INDEX] * len(prompt) + action_ids,
+                "attention_mask": [1] * len(input_ids),
+                "pixel_values": values,
+            })
+        return rows
+
+    def _image(self, index: int) -> Image.Image:
+        """Row `index`'s image, decoded, and augmented with the generator of `(seed, epoch, index)` when augmenting."""
+        image = _as_image(self.dataset[index][self.args.image_column], index, self.args.image_column)
         if self.augment_seed is not None:
-            image = augment(image, np.random.default_rng([self.augment_seed, self.epoch, int(index)]))
-        return self.processor.process_example(image, row[self.args.instruction_column], self.labels[index], self.names[index])
+            image = augment(image, np.random.default_rng([self.augment_seed, self.epoch, index]))
+        return image
+
+
+def encode_action_rows(processor: OpenVLAProcessor, instructions: list[str], labels: np.ndarray, names: list[str]) -> np.ndarray:
+    """The action token ids of every row, `[rows, chunk * action_dim]`, tokenised per dataset in one call each.
+
+    The first row goes through `processor.encode_row` first, which checks the labels' shape against the model's
+    action dimension and chunk size (and raises naming the fix)."""
+    if len(labels) == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    processor.encode_row(instructions[0], labels[0], names[0])
+    action_ids = np.empty((len(labels), int(np.prod(labels.shape[1:]))), dtype=np.int64)
+    names = np.asarray(names)
+    for name in dict.fromkeys(names.tolist()):
+        rows = np.flatnonzero(names == name)
+        action_ids[rows] = np.asarray(processor.action_token_ids(labels[rows], name)).reshape(len(rows), -1)
+    return action_ids
+
+
+def resized_images(dataset: datasets.Dataset, column: str, image_processor: OpenVLAImageProcessor) -> datasets.Dataset:
+    """Each row's image decoded and resized by `image_processor` once: a dataset with one uint8 column `pixels`
+    (`[3, image_size, image_size]`, flattened: the processor's resize output, before rescaling and normalisation), written by
+    `datasets.map` into the `datasets` cache next to `dataset`'s files (kept in memory for an in-memory dataset), so a
+    later run over the same rows reads it back."""
+    size = image_processor.image_size
+
+    def resize(batch: dict[str, list], indices: list[int]) -> dict[str, np.ndarray]:
+        images = [_as_image(value, index, column) for value, index in zip(batch[column], indices)]
+        pixels = image_processor(images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+        return {"pixels": pixels.astype(np.uint8).reshape(len(images), -1)}
+
+    # Flat fixed-length rows: `datasets` reads a slice of them as one 2-D array (a 3-D array feature goes row by row).
+    features = datasets.Features({"pixels": datasets.List(datasets.Value("uint8"), length=3 * size * size)})
+    resized = dataset.select_columns([column]).map(
+        resize, batched=True, batch_size=256, with_indices=True, remove_columns=[column], features=features,
+        desc="Decoding and resizing images once",
+    )
+    return resized.with_format("numpy")
 
 
 class EpochCallback(TrainerCallback):
@@ -700,12 +782,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     augment_seed = training_args.seed if data_args.image_augmentation else None
     rows = mixture_rows(train_names, data_args.dataset_weights, training_args.seed)
     train_labels = action_labels(train_raw, data_args, chunk_size)[rows]
-    train_dataset = ProcessedDemonstrations(train_raw.select(rows), train_labels, [train_names[i] for i in rows], processor, data_args, augment_seed)
     eval_dataset = eval_names = None
-    if eval_raw is not None and len(eval_raw):
-        eval_names = dataset_names(eval_raw, data_args, default_name)
-        eval_dataset = ProcessedDemonstrations(eval_raw, action_labels(eval_raw, data_args, chunk_size), eval_names, processor, data_args)
-    else:
+    with training_args.main_process_first(desc="decoding and resizing the images once"):  # one process writes the cache
+        train_dataset = ProcessedDemonstrations(train_raw.select(rows), train_labels, [train_names[i] for i in rows], processor, data_args, augment_seed)
+        if eval_raw is not None and len(eval_raw):
+            eval_names = dataset_names(eval_raw, data_args, default_name)
+            eval_dataset = ProcessedDemonstrations(eval_raw, action_labels(eval_raw, data_args, chunk_size), eval_names, processor, data_args)
+    if eval_dataset is None:
         training_args.eval_strategy = "no"
 
     pretraining_error = run_vision_pretraining(model, processor, train_dataset, pretraining_steps, training_args) if pretraining_steps else None
@@ -754,12 +837,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             metrics["closed_loop_success_rate"] = closed_loop["success_rate"]
             print(f"Closed-loop success on {closed_loop['num_episodes']} held-out episodes: {closed_loop['success_rate']:.1%}")
+        open_loop = None
+        if eval_dataset is not None and data_args.episode_column in eval_raw.column_names:
+            columns = {name: getattr(data_args, name) for name in ("image_column", "instruction_column", "action_column", "episode_column")}
+            figures, open_loop = replay_for_model_card(merged, processor, train_raw, eval_raw, eval_names[0], output_dir / "open_loop",
+                                                       data_args.dataset_name_column, **columns)
+            metrics.update(figures)
         plot_curves(trainer.state.log_history, output_dir / "training_curves.png")
         (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2))
         write_model_card(
             output_dir, merged.config, metrics=metrics, base_model=model_args.model_name_or_path,
             datasets=data_args.dataset_name.split(",") if data_args.dataset_name else [], training=_training_summary(model_args, data_args, training_args),
-            repo_id=hub_model_id if push_to_hub else None,
+            repo_id=hub_model_id if push_to_hub else None, open_loop=open_loop,
         )
         if push_to_hub:
             push_folder(output_dir, hub_model_id, token=training_args.hub_token, private=bool(training_args.hub_private_repo))

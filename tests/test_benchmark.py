@@ -108,3 +108,59 @@ def test_bad_options(benchmark):
     args = benchmark.parse_args(["--quick"])
     assert args.config == ["small"]
     assert benchmark.parse_args([]).config == ["small", "mid"]
+
+
+TRAIN_ROW_TYPES = {
+    "config": str,
+    "mode": str,
+    "variant": str,
+    "tuning": str,
+    "dtype": str,
+    "batch_size": int,
+    "latency_ms": float,
+    "samples_per_s": float,
+    "peak_mem_mb": float,
+    "flops_per_call": float,
+    "peak_fraction": float,
+}
+
+
+def test_quick_train_run_measures_model_data_and_loop(benchmark, tmp_path, capsys):
+    path = tmp_path / "train.json"
+    result = benchmark.main(["--train", "--quick", "--train_batch_size", "2", "--train_episodes", "4", "--json", str(path)])
+
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert set(result) == {"device", "matmul_peak_gflops", "rows"} and result["matmul_peak_gflops"] > 0
+    rows = result["rows"]
+    assert [(row["variant"], row["tuning"]) for row in rows] == [
+        (variant, tuning) for tuning in ("full", "lora") for variant in ("model", "data", "loop")
+    ]
+    for row in rows:
+        assert set(row) == set(TRAIN_ROW_TYPES), row
+        for key, kind in TRAIN_ROW_TYPES.items():
+            assert isinstance(row[key], kind) and not isinstance(row[key], bool), (key, row[key])
+        assert row["config"] == "small" and row["mode"] == "train" and row["dtype"] == "float32" and row["batch_size"] == 2
+        assert row["latency_ms"] > 0 and row["peak_mem_mb"] >= 0
+        assert row["samples_per_s"] == pytest.approx(2 / (row["latency_ms"] / 1e3), rel=1e-6)
+        if row["variant"] == "data":
+            assert row["flops_per_call"] == 0 and row["peak_fraction"] == 0
+        else:
+            assert row["flops_per_call"] > 0 and 0 < row["peak_fraction"]
+    by_key = {(row["variant"], row["tuning"]): row for row in rows}
+    # LoRA trains fewer weights: its backward skips the frozen weights' gradients.
+    assert by_key[("model", "lora")]["flops_per_call"] < by_key[("model", "full")]["flops_per_call"]
+    assert by_key[("loop", "full")]["flops_per_call"] == by_key[("model", "full")]["flops_per_call"]
+    output = capsys.readouterr().out
+    assert "Targets:" in output and "loop >= 90% of the model step" in output
+
+
+def test_train_configs_follow_the_recipes(benchmark):
+    metaworld = benchmark.train_model_arguments("metaworld")
+    recipe = benchmark.yaml.safe_load(benchmark.METAWORLD_RECIPE.read_text())
+    assert (metaworld.config_overrides, metaworld.action_decoding, metaworld.action_chunk_size) == (
+        recipe["config_overrides"], recipe["action_decoding"], recipe["action_chunk_size"]
+    )
+    assert "hidden_dim=1024" in benchmark.train_model_arguments("mid").config_overrides
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--train", "--config", "path/to/model"])
+    assert benchmark.parse_args(["--train"]).config == ["small", "metaworld", "mid"]

@@ -93,6 +93,15 @@ print("ACTION", action.tolist())
 """
 
 
+def test_model_card_shows_an_open_loop_replay_of_a_held_out_episode(trained):
+    card = (trained / "README.md").read_text()
+    assert "## Open-loop replay" in card and "Verdict: " in card
+    links = re.findall(r"\]\((open_loop/episode_\d+\.png)\)", card)
+    assert len(links) == 2 and all((trained / link).is_file() for link in links)
+    metrics = json.loads((trained / "eval_results.json").read_text())
+    assert 0 <= metrics["open_loop_held_out_bin_accuracy"] <= 1 and metrics["open_loop_training_l1"] >= 0
+
+
 def test_output_loads_offline_in_a_fresh_process(trained, tmp_path):
     result = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(trained), str(REPO / "scripts")], cwd=tmp_path,
                             env={**ENVIRONMENT, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=300)
@@ -447,3 +456,62 @@ def test_without_a_recipe_a_users_dataset_gets_the_official_fine_tuning_defaults
     assert (training_args.learning_rate, training_args.per_device_train_batch_size, training_args.adam_beta2) == (5e-4, 16, 0.999)
     assert training_args.lr_scheduler_type == "constant" and data_args.image_augmentation
     assert model_args.config_overrides is None and model_args.resolved_vision_pretraining_steps() == 0
+
+
+def _demonstrations(processor, augment_seed=None, episodes: int = 3):
+    """Built-in demonstrations (`episodes` of them) as `ProcessedDemonstrations` for `processor`, with their raw rows."""
+    raw = datasets.Dataset.from_list(generate_demonstrations(episodes, seed=0, image_size=64))
+    args = finetune.DataArguments()
+    labels = finetune.action_labels(raw, args, 1)
+    names = ["tabletop"] * len(raw)
+    processor.norm_stats = {"tabletop": finetune.compute_action_stats(np.asarray(raw["action"], dtype=np.float64))}
+    return raw, labels, finetune.ProcessedDemonstrations(raw, labels, names, processor, args, augment_seed)
+
+
+@pytest.mark.parametrize("augment_seed", [None, 3])
+def test_processed_rows_equal_the_processor_on_each_row(tokenizer, augment_seed):
+    """Tokens computed once per dataset and images decoded and resized once (or augmented per epoch) give exactly
+    what `process_example` gives for the row's (augmented) image, instruction and action."""
+    processor = make_processor(tokenizer)
+    raw, labels, dataset = _demonstrations(processor, augment_seed)
+    assert (dataset.pixels is None) == (augment_seed is not None)
+    for epoch in (0, 1):
+        dataset.epoch = epoch
+        rows = [0, len(raw) // 2, len(raw) - 1]
+        for index, row in zip(rows, dataset.__getitems__(rows)):
+            image = raw[index]["image"].convert("RGB")
+            if augment_seed is not None:
+                image = finetune.augment(image, np.random.default_rng([augment_seed, epoch, index]))
+            expected = processor.process_example(image, raw[index]["instruction"], labels[index], "tabletop")
+            assert {key: row[key] for key in ("input_ids", "labels", "attention_mask")} == {
+                key: expected[key] for key in ("input_ids", "labels", "attention_mask")
+            }
+            np.testing.assert_array_equal(row["pixel_values"], expected["pixel_values"])
+            np.testing.assert_array_equal(dataset[index]["pixel_values"], row["pixel_values"])
+
+
+def test_a_bf16_trainer_step_lowers_the_loss(tokenizer, tmp_path):
+    """`--bf16` on the CPU: the Trainer's autocast runs the model in bfloat16 and its steps still learn."""
+    processor = make_processor(tokenizer)
+    _, _, dataset = _demonstrations(processor)
+    model = make_model(tokenizer)
+    batch = processor.data_collator(dataset.__getitems__(list(range(8))))
+    args = finetune.FinetuneTrainingArguments(
+        output_dir=str(tmp_path), bf16=True, use_cpu=True, learning_rate=3e-3, max_steps=1, report_to="none",
+        save_strategy="no", eval_strategy="no",
+    )
+    trainer = finetune.Trainer(model=model, args=args, train_dataset=dataset, data_collator=processor.data_collator)
+    optimizer = trainer.create_optimizer()
+    dtypes = []
+    model.projector.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    losses = []
+    for _ in range(4):
+        model.train()
+        with trainer.accelerator.autocast():  # what the Trainer's prepared model runs under
+            loss = model(**batch).loss
+        losses.append(loss.item())
+        trainer.accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert set(dtypes) == {torch.bfloat16} and next(model.parameters()).dtype == torch.float32
+    assert losses[-1] < losses[0]
