@@ -67,9 +67,10 @@ def _results_table(metrics: dict[str, Any]) -> str:
 
 def write_model_card(folder: Path, config, metrics: dict[str, Any] | None = None, base_model: str | None = None,
                      datasets: list[str] | None = None, training: str = "", repo_id: str | None = None,
-                     instruction: str = "move to the red block", license: str = "mit") -> ModelCard:
+                     instruction: str = "move to the red block", license: str = "mit", open_loop: str | None = None) -> ModelCard:
     """Write `folder/README.md`: Hub metadata (library, pipeline tag, tags, base model, datasets, license, metrics),
-    a usage snippet, the action space, the architecture, how it was trained and the results.
+    a usage snippet, the action space, the architecture, how it was trained and the results, and with `open_loop`
+    (Markdown from `open_loop.replay_for_model_card`) an open-loop replay section.
 
     The usage snippet loads `repo_id` (the Hub id the folder is pushed to), else the folder's own name, never a path
     of the machine that wrote it."""
@@ -97,6 +98,8 @@ def write_model_card(folder: Path, config, metrics: dict[str, Any] | None = None
         results=_results_table(metrics or {}),
         **{name: getattr(config, name) for name in ("action_dim", "action_decoding", "action_chunk_size", "action_binning", "num_action_bins", "num_patches", "vision_dim", "hidden_dim", "num_layers", "num_heads", "num_kv_heads", "rope", "image_size", "patch_size")},
     )
+    if open_loop:
+        body += f"\n## Open-loop replay\n\n{open_loop}\n"
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
     card.save(Path(folder) / "README.md")
     return card
