@@ -72,7 +72,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -507,6 +507,12 @@ class StepClock(TrainerCallback):
         self.end = time.perf_counter()
 
 
+def epochs_of(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's batches, one epoch after another, without end."""
+    while True:
+        yield from loader
+
+
 def benchmark_training(name: str, args: argparse.Namespace, memory: PeakMemory, data, workdir: Path) -> list[TrainRow]:
     """The model-step, data and loop rows of config `name`, full fine-tuning and LoRA."""
     steps = 2 if args.quick else args.repeats
@@ -529,8 +535,8 @@ def benchmark_training(name: str, args: argparse.Namespace, memory: PeakMemory, 
         if args.profile:
             profile_top_ops(model_step, args.device, f"train {name} {tuning}: model step")
 
-        # data pipeline alone: the Trainer's dataloader, batch after batch
-        iterator = iter(loader)
+        # data pipeline alone: the Trainer's dataloader, batch after batch (epoch after epoch, as training goes on)
+        iterator = epochs_of(loader)
         next(iterator)
         memory.start()
         start = time.perf_counter()
