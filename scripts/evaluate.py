@@ -148,19 +148,21 @@ def open_loop_main(argv: Sequence[str]) -> None:
     from transformers import AutoModel, AutoProcessor
 
     from openvla_tools.lerobot_format import parse_episodes
-    from openvla_tools.open_loop import metrics_table, run_open_loop
+    from openvla_tools.open_loop import MIN_VERDICT_FRAMES, first_episodes, metrics_table, run_open_loop
 
     parser = argparse.ArgumentParser(prog="evaluate.py --open_loop", description=open_loop_main.__doc__)
     parser.add_argument("--model", required=True, help="Saved model folder or Hub id.")
     parser.add_argument("--dataset_name", default=None, help="finetune.py's --dataset_name (default: the built-in tabletop demos).")
     parser.add_argument("--image_key", default=None, help="LeRobot camera (default: the only one).")
-    parser.add_argument("--episodes", default=None, help="Episodes to replay, e.g. '0-2,17' (default: the first 3 training and 3 held-out).")
+    parser.add_argument("--episodes", default=None, help="Episodes to replay, e.g. '0-2,17' (default: the first training and held-out episodes, enough of each for --min_verdict_frames).")
     parser.add_argument("--eval_split_ratio", type=float, default=0.05, help="finetune.py's held-out share, which with --seed says which episodes were held out.")
     parser.add_argument("--seed", type=int, default=42, help="finetune.py's --seed.")
     parser.add_argument("--num_demo_episodes", type=int, default=4000, help="finetune.py's --num_demo_episodes (built-in demos).")
     parser.add_argument("--demo_tasks", default="reach,push", help="finetune.py's --demo_tasks (built-in demos).")
     parser.add_argument("--unnorm_key", default=None, help="Dataset whose action statistics to use.")
     parser.add_argument("--out", type=Path, default=Path("outputs/open_loop"), help="Folder for the plots, report.md and metrics.json.")
+    parser.add_argument("--min_verdict_frames", type=int, default=MIN_VERDICT_FRAMES,
+                        help="Replayed frames a split needs for an under-fit / over-fit verdict (fewer: no verdict).")
     args = parser.parse_args(argv)
     data_args = DataArguments(dataset_name=args.dataset_name, image_key=args.image_key, eval_split_ratio=args.eval_split_ratio,
                               num_demo_episodes=args.num_demo_episodes, demo_tasks=args.demo_tasks)
@@ -170,12 +172,15 @@ def open_loop_main(argv: Sequence[str]) -> None:
         raise ValueError(f"Open-loop replay needs episodes; the dataset has no {data_args.episode_column!r} column (its columns: {rows.column_names}).")
     train_rows, held_out_rows = split_dataset(rows, data_args, args.seed)
     held_out = sorted(set(held_out_rows[data_args.episode_column])) if held_out_rows is not None else []
-    training = sorted(set(train_rows[data_args.episode_column]))
-    episodes = parse_episodes(args.episodes) or training[:3] + held_out[:3]
+    episodes = parse_episodes(args.episodes) or [
+        *first_episodes(train_rows, data_args.episode_column, args.min_verdict_frames),
+        *(first_episodes(held_out_rows, data_args.episode_column, args.min_verdict_frames) if held_out else []),
+    ]
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     splits = {episode: "held-out" if episode in held_out else "training" for episode in episodes}
-    metrics, verdict = run_open_loop(model, processor, rows, splits, args.out, args.unnorm_key, f"{args.model} on {args.dataset_name or 'the built-in demos'}", **columns)
+    metrics, verdict = run_open_loop(model, processor, rows, splits, args.out, args.unnorm_key, f"{args.model} on {args.dataset_name or 'the built-in demos'}",
+                                    min_verdict_frames=args.min_verdict_frames, **columns)
     print(metrics_table(metrics))
     print(f"Verdict: {verdict}\nPlots and report: {args.out}")
 

@@ -16,7 +16,15 @@ from conftest import INSTRUCTIONS, REPO, TOKENIZER_DIR, make_model, random_image
 
 from openvla_tools.envs.tabletop import demonstration_features
 from openvla_tools.lerobot_writer import write_lerobot_dataset
-from openvla_tools.open_loop import FIT_L1, EpisodeReplay, fit_verdict, replay_episodes, replay_metrics, run_open_loop
+from openvla_tools.open_loop import (
+    FIT_L1,
+    EpisodeReplay,
+    fit_verdict,
+    replay_episodes,
+    replay_for_model_card,
+    replay_metrics,
+    run_open_loop,
+)
 from processing_openvla import ActionTokenizer, OpenVLAImageProcessor, OpenVLAProcessor, compute_action_stats
 
 NUM_EPISODES, STEPS, ACTION_DIM, NUM_BINS = 4, 4, 3, 32
@@ -73,7 +81,7 @@ def fitted(tmp_path_factory, single_thread):
 
 def test_replay_of_the_training_episodes_matches_the_recorded_actions(fitted, tmp_path):
     rows, training, _, model, processor, _ = fitted
-    metrics, verdict = run_open_loop(model, processor, rows, dict.fromkeys(training, "training"), tmp_path)
+    metrics, verdict = run_open_loop(model, processor, rows, dict.fromkeys(training, "training"), tmp_path, min_verdict_frames=STEPS)
     replays = replay_episodes(model, processor, rows, dict.fromkeys(training, "training"))
     stats = model.config.norm_stats["tiny"]["action"]
     bin_width = (np.asarray(stats["q99"]) - np.asarray(stats["q01"])) / (model.config.num_action_bins - 1)
@@ -94,7 +102,7 @@ def test_an_untrained_model_is_flagged_as_under_fit(fitted, tmp_path):
 
     untrained = make_model(AutoTokenizer.from_pretrained(TOKENIZER_DIR), seed=3, action_dim=ACTION_DIM, action_decoding="parallel", num_action_bins=NUM_BINS,
                            norm_stats=model.config.norm_stats)
-    metrics, verdict = run_open_loop(untrained, processor, rows, dict.fromkeys(training, "training"), tmp_path)
+    metrics, verdict = run_open_loop(untrained, processor, rows, dict.fromkeys(training, "training"), tmp_path, min_verdict_frames=STEPS)
     assert verdict.startswith("under-fit"), verdict
     assert metrics["training"]["mean_bin_accuracy"] < 0.5
 
@@ -112,7 +120,22 @@ def test_dimensions_that_never_vary_do_not_hide_the_errors_of_the_others():
     entry = metrics["training"]
     assert entry["mean_l1_normalized"] == entry["l1_normalized"][0]
     assert np.mean(entry["l1_normalized"]) < FIT_L1 < entry["mean_l1_normalized"]  # a mean over all 7 would pass it
-    assert fit_verdict(metrics).startswith("under-fit")
+    assert fit_verdict(metrics, min_frames=20).startswith("under-fit")
+    assert fit_verdict(metrics).startswith("no verdict: only 20 training frames")  # MIN_VERDICT_FRAMES = 30
+
+
+def test_the_model_card_replay_takes_episodes_until_a_verdict_has_enough_frames(fitted, tmp_path):
+    """Four-step episodes: the card's replay takes every training and held-out episode there is, and with fewer frames
+    than a verdict needs it says so rather than calling one missed step over-fitting."""
+    rows, training, held_out, model, processor, _ = fitted
+    is_held_out = np.asarray(rows["episode"]) == held_out
+    figures, section = replay_for_model_card(model, processor, rows.select(np.flatnonzero(~is_held_out)),
+                                             rows.select(np.flatnonzero(is_held_out)), "tiny", tmp_path / "open_loop")
+    metrics = json.loads((tmp_path / "open_loop" / "metrics.json").read_text())
+    assert metrics["training"]["episodes"] == training and metrics["held-out"]["episodes"] == [held_out]
+    assert f"Verdict: no verdict: only {STEPS * len(training)} training, {STEPS} held-out frames" in section
+    assert f"open_loop/episode_{training[0]}.png" in section and f"open_loop/episode_{held_out}.png" in section
+    assert figures["open_loop_training_bin_accuracy"] == 1.0
 
 
 def test_an_unknown_episode_is_a_clear_error(fitted):
@@ -130,7 +153,7 @@ def test_evaluate_open_loop_command_flags_a_model_that_fits_only_its_training_ep
     _, training, held_out, _, _, folder = fitted
     out = tmp_path / "replay"
     command = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--open_loop", "--model", str(folder), "--dataset_name",
-               str(lerobot_folder), "--eval_split_ratio", str(SPLIT["eval_split_ratio"]), "--seed", str(SPLIT["seed"]), "--out", str(out)]
+               str(lerobot_folder), "--eval_split_ratio", str(SPLIT["eval_split_ratio"]), "--seed", str(SPLIT["seed"]), "--out", str(out), "--episodes", f"0-{NUM_EPISODES - 1}", "--min_verdict_frames", str(STEPS)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -19,6 +19,7 @@ Models that predict chunks are compared on the first action of each chunk.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from processing_openvla import ActionTokenizer, normalize_actions, resolve_unnor
 FIT_L1 = 0.1
 # Held-out L1 above this multiple of the training L1 (and above FIT_L1) means the model fits only what it saw.
 OVERFIT_RATIO = 2.0
+# A split replayed over fewer frames than this gets no verdict: one frame's miss (a gripper step) would decide it.
+MIN_VERDICT_FRAMES = 30
 SPLITS = ("training", "held-out")
 
 
@@ -141,9 +144,15 @@ def replay_metrics(replays: list[EpisodeReplay], tokenizer: ActionTokenizer, unn
     return results
 
 
-def fit_verdict(metrics: dict[str, dict[str, Any]]) -> str:
+def fit_verdict(metrics: dict[str, dict[str, Any]], min_frames: int = MIN_VERDICT_FRAMES) -> str:
     """'under-fit', 'over-fit', 'fits' or 'fits the training episodes' / 'unknown' when a split is missing, with the
-    evidence, from the mean normalised L1 of each split."""
+    evidence, from the mean normalised L1 of each split; 'no verdict' when a replayed split has fewer than
+    `min_frames` frames."""
+    frames = {split: entry["steps"] for split, entry in metrics.items() if split in SPLITS}
+    if any(count < min_frames for count in frames.values()):
+        counted = ", ".join(f"{count} {split}" for split, count in frames.items())
+        return (f"no verdict: only {counted} frames were replayed (fewer than {min_frames} in a split, where one frame's "
+                "miss would decide it); replay more episodes with scripts/evaluate.py --open_loop --episodes ...")
     training, held_out = (metrics.get(split, {}).get("mean_l1_normalized") for split in SPLITS)
     if training is not None and training > FIT_L1:
         return (f"under-fit: on its own training episodes the mean normalised L1 of the varying dimensions is {training:.3f} (> {FIT_L1}); train "
@@ -210,7 +219,7 @@ def metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines + ["", f"Replayed {steps}."])
 
 
-def write_open_loop_report(replays: list[EpisodeReplay], metrics: dict[str, dict[str, Any]], out: Path,
+def write_open_loop_report(replays: list[EpisodeReplay], metrics: dict[str, dict[str, Any]], verdict: str, out: Path,
                            title: str, bounds: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[str, list[Path]]:
     """Write one plot per episode (`out/episode_<n>.png`) and `out/report.md`; returns the report's Markdown (plot
     links relative to `out`) and the plots."""
@@ -221,7 +230,7 @@ def write_open_loop_report(replays: list[EpisodeReplay], metrics: dict[str, dict
         plot_replay(replay, path, bounds)
         plots.append(path)
     body = "\n".join([
-        f"Verdict: {fit_verdict(metrics)}", "", metrics_table(metrics), "",
+        f"Verdict: {verdict}", "", metrics_table(metrics), "",
         *[f"![episode {replay.episode} ({replay.split})]({path.name})" for replay, path in zip(replays, plots)],
     ])
     (out / "report.md").write_text(f"# Open-loop replay: {title}\n\n{body}\n")
@@ -230,9 +239,9 @@ def write_open_loop_report(replays: list[EpisodeReplay], metrics: dict[str, dict
 
 def run_open_loop(model, processor, rows: datasets.Dataset, episodes: dict[int, str], out: Path, unnorm_key: str | None = None,
                   title: str = "", batch_size: int = 32, grippers: dict[int, tuple[float, float]] | None = None,
-                  **columns: str) -> tuple[dict[str, dict[str, Any]], str]:
+                  min_verdict_frames: int = MIN_VERDICT_FRAMES, **columns: str) -> tuple[dict[str, dict[str, Any]], str]:
     """Replay `episodes` of `rows`, write the plots, `report.md` and `metrics.json` to `out`; returns the metrics and
-    the verdict.
+    the verdict (`fit_verdict` with `min_verdict_frames`).
 
     `grippers` are the binary dimensions (`gripper_values` of the whole dataset's actions; by default of `rows`')."""
     unnorm_key = resolve_unnorm_key(model.config.norm_stats, unnorm_key)
@@ -243,8 +252,8 @@ def run_open_loop(model, processor, rows: datasets.Dataset, episodes: dict[int, 
     metrics = replay_metrics(replays, tokenizer, unnorm_key, grippers)
     stats = tokenizer.stats_for(unnorm_key)
     bounds = None if stats is None else tuple(np.asarray(stats.get("action", stats)[name], dtype=np.float64) for name in ("q01", "q99"))
-    write_open_loop_report(replays, metrics, out, title, bounds)
-    verdict = fit_verdict(metrics)
+    verdict = fit_verdict(metrics, min_verdict_frames)
+    write_open_loop_report(replays, metrics, verdict, out, title, bounds)
     (out / "metrics.json").write_text(json.dumps({"verdict": verdict, "unnorm_key": unnorm_key, **metrics}, indent=2))
     return metrics, verdict
 
@@ -252,23 +261,24 @@ def run_open_loop(model, processor, rows: datasets.Dataset, episodes: dict[int, 
 def replay_for_model_card(model, processor, train_rows: datasets.Dataset, held_out_rows: datasets.Dataset,
                           unnorm_key: str | None, out: Path, name_column: str | None = None,
                           **columns: str) -> tuple[dict[str, float], str]:
-    """The replay fine-tuning ends with: the first held-out episode and the first training episode (of the same
-    dataset, by `name_column`, in a mix), written to `out`.
+    """The replay fine-tuning ends with: the first held-out episodes and the first training episodes (of the same
+    dataset, by `name_column`, in a mix), as many of each as give `MIN_VERDICT_FRAMES` frames (or all there are),
+    written to `out`; the card shows the plot of the first of each.
 
     Returns the headline figures (`open_loop_<split>_l1...`, for the card's results table) and the Markdown section
     for the model card (plot links relative to the card's folder, `out`'s parent)."""
     episode_column = columns.get("episode_column", "episode")
-    held_out = int(held_out_rows[0][episode_column])
     candidates = train_rows
     if name_column is not None:
         name = held_out_rows[0][name_column]
         candidates = train_rows.select(np.flatnonzero(np.asarray(train_rows[name_column]) == name))
-    training = int(candidates[0][episode_column])
-    episodes = {training: "training", held_out: "held-out"}
-    rows = datasets.concatenate_datasets([
-        candidates.select(episode_rows(candidates, episode_column)[training]),
-        held_out_rows.select(episode_rows(held_out_rows, episode_column)[held_out]),
-    ])
+    episodes, parts = {}, []
+    for split, split_rows in (("training", candidates), ("held-out", held_out_rows)):
+        chosen = first_episodes(split_rows, episode_column, MIN_VERDICT_FRAMES)
+        episodes.update(dict.fromkeys(chosen, split))
+        index = episode_rows(split_rows, episode_column)
+        parts.append(split_rows.select(np.concatenate([index[episode] for episode in chosen])))
+    rows = datasets.concatenate_datasets(parts)
     grippers = gripper_values(np.asarray(candidates[columns.get("action_column", "action")], dtype=np.float64))
     metrics, verdict = run_open_loop(model, processor, rows, episodes, out, unnorm_key, "end of fine-tuning", grippers=grippers, **columns)
     figures = {}
@@ -277,9 +287,24 @@ def replay_for_model_card(model, processor, train_rows: datasets.Dataset, held_o
         figures[f"open_loop_{key}_l1"] = entry["mean_l1"]
         figures[f"open_loop_{key}_l1_normalized"] = entry["mean_l1_normalized"]
         figures[f"open_loop_{key}_bin_accuracy"] = entry["mean_bin_accuracy"]
-    links = [f"![open-loop replay, episode {episode} ({split})]({out.name}/episode_{episode}.png)" for episode, split in episodes.items()]
+    first = {split: next(episode for episode, chosen in episodes.items() if chosen == split) for split in SPLITS}
+    links = [f"![open-loop replay, episode {episode} ({split})]({out.name}/episode_{episode}.png)" for split, episode in first.items()]
+    counts = {split: len([chosen for chosen in episodes.values() if chosen == split]) for split in SPLITS}
     section = "\n".join([
-        "Recorded frames of one training and one held-out episode fed to the model, its actions against the recorded "
-        "ones (`scripts/evaluate.py --open_loop` replays more).", "", f"Verdict: {verdict}", "", metrics_table(metrics), "", *links,
+        f"Recorded frames of {counts['training']} training and {counts['held-out']} held-out episodes fed to the model, "
+        "its actions against the recorded ones (`scripts/evaluate.py --open_loop` replays more; the first episode of "
+        "each is plotted).", "", f"Verdict: {verdict}", "", metrics_table(metrics), "", *links,
     ])
     return figures, section
+
+
+def first_episodes(rows: datasets.Dataset, episode_column: str, min_frames: int) -> list[int]:
+    """The first episodes of `rows` (in order of appearance) that together hold at least `min_frames` frames."""
+    lengths = dict(Counter(int(episode) for episode in rows[episode_column]))
+    chosen, total = [], 0
+    for episode, length in lengths.items():
+        chosen.append(episode)
+        total += length
+        if total >= min_frames:
+            break
+    return chosen
