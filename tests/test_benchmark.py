@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,33 @@ def test_train_configs_follow_the_recipes(benchmark):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--train", "--config", "path/to/model"])
     assert benchmark.parse_args(["--train"]).config == ["small", "metaworld", "mid"]
+
+
+def test_size_check_measures_inference_and_a_lora_step_of_both_decodings(tmp_path):
+    """scripts/size_check.py (run on a GPU with the openvla-7b shapes; docs/gpu.md) on the small config on the CPU:
+    every row present, with positive figures, and the JSON written."""
+    path = tmp_path / "size_check.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "size_check.py"), "--device", "cpu", "--config", "small", "--dtype", "float32",
+         "--quick", "--json", str(path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["mode"], row["decoding"], row["batch_size"]) for row in rows] == [
+        ("inference", "autoregressive", 1), ("inference", "autoregressive", 2), ("lora", "autoregressive", 2),
+        ("inference", "parallel", 1), ("inference", "parallel", 2), ("lora", "parallel", 2),
+    ]
+    assert all(row["chunk_size"] == (8 if row["decoding"] == "parallel" else 1) for row in rows)
+    assert all(row.get("latency_ms", row.get("step_s", 0)) > 0 for row in rows)
+    assert all(0 < row["trainable_params"] < 26_000_000 for row in rows if row["mode"] == "lora")
+
+
+def test_size_check_refuses_cuda_without_a_gpu(monkeypatch):
+    spec = importlib.util.spec_from_file_location("size_check", REPO / "scripts" / "size_check.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda but PyTorch sees no CUDA GPU"):
+        module.parse_args(["--device", "cuda"])
