@@ -18,13 +18,13 @@ Peak memory is `torch.cuda.max_memory_allocated()` over the calls (weights inclu
 
 import argparse
 import json
-import statistics
-import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
-from benchmark import DTYPES, make_inputs
+from benchmark import DTYPES, PeakMemory, make_inputs, synchronize, time_calls
 
 from configuration_openvla import OpenVLAConfig
 from modeling_openvla import OpenVLAForActionPrediction
@@ -38,31 +38,14 @@ def build_model(args: argparse.Namespace, **overrides) -> OpenVLAForActionPredic
     return model.eval()
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gb(device: str) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-
-
-def median_seconds(fn, repeats: int, device: str) -> float:
+def measure(fn: Callable[[], Any], args: argparse.Namespace) -> tuple[float, float]:
+    """Median seconds per call of `fn` after one warm-up call (`benchmark.time_calls`), and the calls' peak memory in
+    GB with what was resident before them (weights, inputs, optimizer state) included: CUDA only, NaN elsewhere."""
     fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    synchronize(args.device)
+    resident = torch.cuda.memory_allocated() if args.device.startswith("cuda") else float("nan")
+    seconds, extra_mb = time_calls(fn, args.repeats, args.device, PeakMemory(args.device))
+    return seconds, (resident + extra_mb * 2**20) / 2**30
 
 
 def inference_rows(model: OpenVLAForActionPrediction, decoding: str, args: argparse.Namespace) -> list[dict]:
@@ -71,11 +54,10 @@ def inference_rows(model: OpenVLAForActionPrediction, decoding: str, args: argpa
     for batch_size in args.batch_sizes:
         inputs = make_inputs(model.config, batch_size, args)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        reset_peak(args.device)
-        seconds = median_seconds(partial(model.predict_action, **inputs), args.repeats, args.device)
+        seconds, peak_gb = measure(partial(model.predict_action, **inputs), args)
         actions = batch_size * chunk
         rows.append({"mode": "inference", "decoding": decoding, "batch_size": batch_size, "chunk_size": chunk,
-                     "latency_ms": seconds * 1e3, "actions_per_s": actions / seconds, "peak_mem_gb": peak_gb(args.device)})
+                     "latency_ms": seconds * 1e3, "actions_per_s": actions / seconds, "peak_mem_gb": peak_gb})
     return rows
 
 
@@ -103,10 +85,9 @@ def lora_row(model: OpenVLAForActionPrediction, decoding: str, args: argparse.Na
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    reset_peak(args.device)
-    seconds = median_seconds(step, args.repeats, args.device)
+    seconds, peak_gb = measure(step, args)
     row = {"mode": "lora", "decoding": decoding, "batch_size": args.train_batch_size, "chunk_size": chunk,
-           "step_s": seconds, "samples_per_s": args.train_batch_size / seconds, "peak_mem_gb": peak_gb(args.device),
+           "step_s": seconds, "samples_per_s": args.train_batch_size / seconds, "peak_mem_gb": peak_gb,
            "trainable_params": sum(p.numel() for p in trainable)}
     lora.unload()
     return row

@@ -21,10 +21,6 @@ def bf16_model(tokenizer, **overrides):
     return make_model(tokenizer, **overrides).to(device=DEVICE, dtype=torch.bfloat16)
 
 
-def to_device(batch):
-    return {key: value.to(DEVICE) for key, value in batch.items()}
-
-
 def assert_same_bins(batched: torch.Tensor, single: torch.Tensor) -> None:
     """`[..., num_bins]` logits: close within bf16 rounding, and the same greedy bin wherever the choice is clear."""
     torch.testing.assert_close(batched.float(), single.float(), atol=BF16_LOGIT_TOLERANCE, rtol=0)
@@ -38,12 +34,10 @@ def test_bf16_batched_prediction_equals_single_samples(tokenizer, decoding):
     processor = make_processor(tokenizer)
     model = bf16_model(tokenizer, action_decoding=decoding, action_chunk_size=4 if decoding == "parallel" else 1)
     images = random_images(len(INSTRUCTIONS))
-    batch = to_device(processor(images=images, text=INSTRUCTIONS))
-    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch = processor(images=images, text=INSTRUCTIONS).to(DEVICE, torch.bfloat16)
     batched = model.predict_action_logits(**batch)
     for index, (image, instruction) in enumerate(zip(images, INSTRUCTIONS)):
-        single = to_device(processor(images=[image], text=[instruction]))
-        single["pixel_values"] = single["pixel_values"].to(torch.bfloat16)
+        single = processor(images=[image], text=[instruction]).to(DEVICE, torch.bfloat16)
         assert_same_bins(batched[index : index + 1], model.predict_action_logits(**single))
 
 
@@ -58,8 +52,7 @@ def test_bf16_save_and_load_onto_the_gpu(tokenizer, tmp_path):
     assert loaded.device.type == "cuda" and loaded.dtype == torch.bfloat16
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, loaded.state_dict()[name]), name
-    batch = to_device(processor(images=random_images(2), text=INSTRUCTIONS[:2]))
-    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch = processor(images=random_images(2), text=INSTRUCTIONS[:2]).to(DEVICE, torch.bfloat16)
     torch.testing.assert_close(loaded.predict_action(**batch), model.predict_action(**batch), rtol=0, atol=0)
 
 
@@ -71,8 +64,7 @@ def test_a_lora_step_in_bf16_lowers_the_loss(tokenizer):
     model = get_peft_model(
         bf16_model(tokenizer).train(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["projector"])
     )
-    batch = to_device(processor(images=random_images(4), text=INSTRUCTIONS + INSTRUCTIONS[:1], actions=torch.rand(4, 7) * 2 - 1))
-    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch = processor(images=random_images(4), text=INSTRUCTIONS + INSTRUCTIONS[:1], actions=torch.rand(4, 7) * 2 - 1).to(DEVICE, torch.bfloat16)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     assert 0 < sum(p.numel() for p in trainable) < sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
