@@ -11,6 +11,7 @@ Official OpenVLA checkpoints (timm vision towers) load directly: with `config.vi
 on load by the weight conversions registered below with `register_checkpoint_conversion_mapping`.
 """
 
+import json
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     Dinov2WithRegistersPatchEmbeddings,
     Dinov2WithRegistersPreTrainedModel,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
 try:
     from .configuration_openvla import OpenVLAConfig, conv_stem_in_channels, conv_stem_widths
@@ -52,6 +53,7 @@ try:
         as_image_list,
         check_same_norm_stats,
         check_saved_folder,
+        differing_norm_stats,
     )
 except ImportError:
     from configuration_openvla import OpenVLAConfig, conv_stem_in_channels, conv_stem_widths
@@ -61,12 +63,15 @@ except ImportError:
         as_image_list,
         check_same_norm_stats,
         check_saved_folder,
+        differing_norm_stats,
     )
 
 # Largest |pixel value| the image processor produces: `(x - mean) / std` for `x` in [0, 1] stays within
 # `max(mean, 1 - mean) / std`, under 3 for the ImageNet and SigLIP constants and under 10 for any `std >= 0.1`. Raw
 # 0-255 pixels pass it as soon as one pixel is brighter than 10.
 MAX_NORMALISED_PIXEL = 10.0
+# The action statistics (`config.norm_stats`) of the model an adapter was trained into, saved beside the adapter.
+ADAPTER_NORM_STATS_NAME = "norm_stats.json"
 
 
 def regression_loss(
@@ -555,6 +560,39 @@ class OpenVLAPreTrainedModel(PreTrainedModel):
         kwargs.setdefault("use_kernels", False)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def load_adapter(self, peft_model_id: str | None = None, adapter_name: str | None = None, **kwargs):
+        """Load a PEFT adapter as `PeftAdapterMixin.load_adapter` does, with its action statistics
+        (`load_adapter_norm_stats`). The first adapter loaded is the active one. To switch between several adapters on
+        one base model, use PEFT's own API: `PeftModel.from_pretrained(model, path_a, adapter_name="a")`, then
+        `.load_adapter(path_b, adapter_name="b")` and `.set_adapter("b")`, with `model.load_adapter_norm_stats(path)`
+        for each adapter (transformers' `set_adapter` needs peft >= 0.22)."""
+        result = super().load_adapter(peft_model_id, adapter_name=adapter_name, **kwargs)
+        if peft_model_id is not None:
+            self.load_adapter_norm_stats(peft_model_id, local_files_only=kwargs.get("local_files_only", False))
+        return result
+
+    def load_adapter_norm_stats(self, adapter: str, local_files_only: bool = False) -> None:
+        """Add the action statistics saved beside an adapter (`ADAPTER_NORM_STATS_NAME`, written by
+        `scripts/finetune.py --use_lora`; an adapter folder or Hub id without it adds none) to `config.norm_stats`, so
+        that `predict_action` can unnormalise the actions of the datasets the adapter was trained on. A dataset the
+        model already has statistics for must have the same ones, else `ValueError` (the adapter was trained on other
+        data under that name). Give the processor the model's statistics afterwards: `processor.norm_stats =
+        model.config.norm_stats`."""
+        stats_file = cached_file(
+            adapter, ADAPTER_NORM_STATS_NAME, _raise_exceptions_for_missing_entries=False, local_files_only=local_files_only
+        )
+        if stats_file is None:
+            return
+        with open(stats_file) as file:
+            adapter_stats = json.load(file)
+        conflicting = differing_norm_stats(self.config.norm_stats or {}, adapter_stats)
+        if conflicting:
+            raise ValueError(
+                f"The adapter {adapter!r} was trained with other statistics for dataset(s) {conflicting} than the "
+                "model holds under those names; load it on the model it was trained from."
+            )
+        self.config.norm_stats = {**(self.config.norm_stats or {}), **adapter_stats}
+
 
 class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
     """Image + instruction -> discretised robot action.
@@ -740,24 +778,57 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         """Projected patch features: `[batch, C, H, W]` -> `[batch, num_patches, hidden_dim]`."""
         return self.projector(self.encode_image(pixel_values))
 
-    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings `[batch, seq, hidden]` with the image placeholders replaced by projected patches."""
+    def _check_vision_features(self, vision_features: torch.Tensor) -> None:
+        """Refuse anything but `encode_image`'s output: a floating-point tensor `[batch, num_patches, vision_dim]`."""
+        config = self.config
+        expected = (config.num_patches, config.vision_dim)
+        if (
+            not isinstance(vision_features, torch.Tensor)
+            or not vision_features.is_floating_point()
+            or vision_features.ndim != 3
+            or tuple(vision_features.shape[1:]) != expected
+        ):
+            got = tuple(vision_features.shape) if isinstance(vision_features, torch.Tensor) else type(vision_features).__name__
+            dtype = f" {vision_features.dtype}" if isinstance(vision_features, torch.Tensor) else ""
+            raise ValueError(
+                f"vision_features must be a floating-point tensor [batch, {expected[0]}, {expected[1]}] for this model "
+                f"(the vision backbone's patch features, before the projector), got{dtype} {got}; compute them with "
+                "model.encode_image(pixel_values)."
+            )
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings `[batch, seq, hidden]` with the image placeholders replaced by projected patches: those of
+        `pixel_values` `[batch, C, H, W]`, or of `vision_features` `[batch, num_patches, vision_dim]` computed before by
+        `encode_image` (a frozen vision backbone's features, cached for training)."""
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError(
+                "Pass pixel_values or vision_features (model.encode_image(pixel_values)), not both: they are the same image."
+            )
         image_mask = input_ids == self.config.image_token_id
         inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         placeholders = image_mask.sum(-1)
         checkable = input_ids.device.type != "meta"
-        if pixel_values is None:
+        if pixel_values is None and vision_features is None:
             if checkable and placeholders.any():
-                raise ValueError("input_ids hold image placeholders but no pixel_values were given.")
+                raise ValueError("input_ids hold image placeholders but neither pixel_values nor vision_features were given.")
             return inputs_embeds
         if checkable and not torch.all(placeholders == self.config.num_patches):
             raise ValueError(
                 f"Each row of input_ids must hold {self.config.num_patches} image placeholders (id "
                 f"{self.config.image_token_id}), got {placeholders.tolist()}; build inputs with OpenVLAProcessor."
             )
-        image_features = self.get_image_features(pixel_values)
+        if vision_features is None:
+            image_features = self.get_image_features(pixel_values)
+        else:
+            self._check_vision_features(vision_features)
+            image_features = self.projector(vision_features.to(self.dtype))
         if image_features.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"Got {pixel_values.shape[0]} images for {input_ids.shape[0]} rows of input_ids.")
+            raise ValueError(f"Got {image_features.shape[0]} images for {input_ids.shape[0]} rows of input_ids.")
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
@@ -839,6 +910,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> OpenVLAOutput:
         """
@@ -846,6 +918,11 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
             input_ids: `[batch, seq]` from `OpenVLAProcessor`: `[BOS | image placeholders | prompt | action tokens]`.
             attention_mask: `[batch, seq]`, 0 on (left) padding.
             pixel_values: `[batch, 3 or 6, image_size, image_size]`.
+            vision_features: instead of `pixel_values`, the vision backbone's patch features
+                `[batch, num_patches, vision_dim]` as `model.encode_image(pixel_values)` returns them (before the
+                projector, which may train). For training with a frozen vision backbone, whose features can be
+                computed once per image and cached (`scripts/finetune.py` does so); give exactly one of the two when
+                `input_ids` hold image placeholders.
             labels: `[batch, seq]`, action token ids where supervised, -100 elsewhere.
             logits_to_keep: LM logits for the last N positions (an int, 0 = all) or the given positions (a tensor).
                 `None` (default) means all positions, except in training mode with `labels`: the loss needs only
@@ -865,7 +942,7 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
 
         # 1. Embed the sequence: token embeddings, the image placeholders replaced by projected patch features
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, vision_features)
 
         # 2. Parallel decoding: the action queries take the action tokens' places (training) or follow the prompt
         query_mask = None

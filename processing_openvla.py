@@ -328,17 +328,23 @@ def _warn_far_outside(values: np.ndarray, stats: Mapping[str, Any], unnorm_key: 
         )
 
 
+def differing_norm_stats(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[str]:
+    """The datasets whose statistics both mappings hold but with different values (compared as float32)."""
+    differing = []
+    for key in sorted(set(first) & set(second)):
+        pairs = [_read_stat_arrays(stats) for stats in (first[key], second[key])]
+        if any(not np.array_equal(a.astype(np.float32), b.astype(np.float32)) for a, b in zip(*pairs)):
+            differing.append(key)
+    return differing
+
+
 def check_same_norm_stats(model_stats: Mapping[str, Any], processor_stats: Mapping[str, Any]) -> None:
     """Refuse a model and a processor whose statistics differ: the processor normalises training labels with its
     copy and the model unnormalises predictions with its own, so actions would come out rescaled without an error.
     Either side may be empty (a processor that only prepares inputs)."""
     if not model_stats or not processor_stats:
         return
-    differing = sorted(set(model_stats) ^ set(processor_stats))
-    for key in sorted(set(model_stats) & set(processor_stats)):
-        pairs = [_read_stat_arrays(stats) for stats in (model_stats[key], processor_stats[key])]
-        if any(not np.array_equal(a.astype(np.float32), b.astype(np.float32)) for a, b in zip(*pairs)):
-            differing.append(key)
+    differing = sorted(set(model_stats) ^ set(processor_stats)) + differing_norm_stats(model_stats, processor_stats)
     if differing:
         raise ValueError(
             f"The model's config.norm_stats and the processor's norm_stats differ for dataset(s) {differing}: labels "
@@ -1159,7 +1165,9 @@ class OpenVLAProcessor(ProcessorMixin):
 
 
 class OpenVLADataCollator:
-    """Collates rows made by `OpenVLAProcessor.encode_row` plus `pixel_values` `[C, H, W]` into a left-padded batch."""
+    """Collates rows made by `OpenVLAProcessor.encode_row` plus their image into a left-padded batch: `pixel_values`
+    `[C, H, W]`, or `vision_features` `[num_patches, vision_dim]` (a frozen vision backbone's cached
+    `model.encode_image` output, which the model's forward takes instead of pixels)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -1168,7 +1176,8 @@ class OpenVLADataCollator:
         if not features:
             raise ValueError("Cannot collate an empty list of samples.")
         batch = left_pad(features, self.pad_token_id)
-        batch["pixel_values"] = torch.stack([torch.as_tensor(np.asarray(f["pixel_values"])) for f in features]).float()
+        image_key = "vision_features" if "vision_features" in features[0] else "pixel_values"
+        batch[image_key] = torch.stack([torch.as_tensor(np.asarray(f[image_key])) for f in features]).float()
         return batch
 
 

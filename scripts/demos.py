@@ -95,10 +95,11 @@ def metaworld_main(argv: Sequence[str]) -> None:
         EVAL_SEED,
         KNOWN_TASKS,
         TRAIN_SEED,
+        check_tasks,
     )
 
     parser = argparse.ArgumentParser(prog="demos.py --env metaworld", description="Meta-World demonstrations from the scripted experts (openvla_tools.envs.metaworld_demos).")
-    parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
+    parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}, or mt10 (its ten tasks).")
     parser.add_argument("--episodes-per-task", type=int, required=True, help="Expert episodes run per task.")
     parser.add_argument("--output", type=Path, required=True, help="Folder for the dataset (see --format).")
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
@@ -115,6 +116,7 @@ def metaworld_main(argv: Sequence[str]) -> None:
     )
     add_format_arguments(parser)
     args = parser.parse_args(argv)
+    args.tasks = check_tasks(args.tasks)
 
     start = time.perf_counter()
     dataset = generate_metaworld_demonstrations(

@@ -40,6 +40,11 @@ def build_parser(env: str) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Saved model folder or Hub id, or 'scripted' or 'random'.")
     source.add_argument("--server", help="URL of a model served by scripts/serve.py (the `serve` extra).")
+    parser.add_argument(
+        "--adapter", default=None,
+        help="PEFT adapter folder or Hub id (finetune.py --use_lora writes OUTPUT/adapter) to load on --model and evaluate; "
+        "give --unnorm_key when the model then holds statistics of several datasets.",
+    )
     parser.add_argument("--api_key", "--api-key", default=None, help="The server's API key, if it has one.")
     parser.add_argument("--unnorm_key", "--unnorm-key", default=None, help="Dataset whose action statistics unnormalise the model's actions.")
     parser.add_argument(
@@ -68,7 +73,7 @@ def build_parser(env: str) -> argparse.ArgumentParser:
     else:
         from openvla_tools.envs.metaworld_env import DEFAULT_CAMERA, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS, KNOWN_TASKS
 
-        parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}.")
+        parser.add_argument("--tasks", nargs="+", required=True, help=f"Meta-World tasks, from {list(KNOWN_TASKS)}, or mt10 (its ten tasks).")
         parser.add_argument("--episodes-per-task", "--episodes_per_task", type=int, required=True, help="Held-out episodes per task.")
         parser.add_argument("--max-steps", "--max_steps", type=int, default=DEFAULT_MAX_STEPS, help="Steps per episode at most.")
         parser.add_argument("--image-size", "--image_size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
@@ -78,7 +83,7 @@ def build_parser(env: str) -> argparse.ArgumentParser:
 
 
 def policy_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"n_action_steps": args.n_action_steps, "temporal_ensemble_coeff": args.temporal_ensemble_coeff}
+    return {"n_action_steps": args.n_action_steps, "temporal_ensemble_coeff": args.temporal_ensemble_coeff, "adapter": args.adapter}
 
 
 TABLETOP_JSON_NAMES = {"scripted": "expert"}  # the key of the scripted expert's results in the tabletop JSON
@@ -109,7 +114,7 @@ def evaluate_metaworld(args: argparse.Namespace) -> dict[str, Any]:
     from openvla_tools.envs.metaworld_env import ACTION_DIM, BASELINES, EVAL_SEED, check_tasks
     from openvla_tools.metaworld_evaluation import DEFAULT_BATCH_SIZE, evaluate_policy_on_tasks, save_plot
 
-    check_tasks(args.tasks)  # before a model loads
+    args.tasks = check_tasks(args.tasks)  # before a model loads
     policy = load_policy(args.model, BASELINES, ACTION_DIM, "metaworld", args.server, args.api_key, args.unnorm_key, **policy_options(args))
     label = args.model if args.model in BASELINES else "model"
     settings = {"tasks": args.tasks, "episodes_per_task": args.episodes_per_task, "max_steps": args.max_steps,

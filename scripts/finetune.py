@@ -18,7 +18,9 @@ a `save_to_disk` folder, parquet files or an imagefolder), or a LeRobot dataset 
 `openvla_tools.lerobot_format`; `--image_key`, `--action_key`, `--episodes`). Several datasets train together with
 `--dataset_name a,b` (sampled in proportion to their size, or by `--dataset_weights`). Action statistics are computed
 per dataset (see `--dataset_name_column`; the dataset's name for each of a mix) on the training split and stored in
-the model's `norm_stats`.
+the model's `norm_stats`. When the vision backbone stays fixed (`--freeze_vision_backbone`, with or without LoRA, or
+after `--vision_pretraining_steps`) and no augmentation touches the images, its features are computed once per image
+and kept in memory (`cache_frozen_vision_features`; the log says why when they are not).
 
 Output: `output_dir/` holds the merged model (LoRA folded in), processor, tokenizer, remote code and a model card;
 `output_dir/adapter/` the PEFT adapter (with `--use_lora`); `output_dir/checkpoints/checkpoint-N/` the Trainer's
@@ -41,10 +43,12 @@ from typing import Any
 
 import datasets
 import numpy as np
+import psutil
 import torch
 import yaml
 from accelerate.utils import gather_object
 from PIL import Image, ImageEnhance
+from tqdm.auto import tqdm
 from transformers import (
     AutoModel,
     AutoProcessor,
@@ -60,7 +64,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from configuration_openvla import OpenVLAConfig
-from modeling_openvla import OpenVLAForActionPrediction
+from modeling_openvla import ADAPTER_NORM_STATS_NAME, OpenVLAForActionPrediction
 from openvla_tools.envs.tabletop import FPS as TABLETOP_FPS
 from openvla_tools.envs.tabletop import TASK_KINDS, check_task_kinds, evaluate_model, generate_demonstrations
 from openvla_tools.lerobot_format import load_lerobot_dataset, parse_episodes, resolve_lerobot_dataset
@@ -456,6 +460,9 @@ class ProcessedDemonstrations(torch.utils.data.Dataset):
     `(seed, epoch, row)`, so a run resumed from a checkpoint sees the same augmented images as one that ran straight
     through (`EpochCallback` keeps `epoch` current). Either way a row equals `processor.process_example` of its image
     (augmented or not), instruction, labels and dataset name.
+
+    For a frozen vision backbone and no augmentation, `cache_vision_features` runs the backbone once over every image;
+    the rows then hold its features (`vision_features`, which the model's forward takes instead of `pixel_values`).
     """
 
     def __init__(self, dataset: datasets.Dataset, labels: np.ndarray, names: list[str], processor: OpenVLAProcessor,
@@ -470,6 +477,7 @@ class ProcessedDemonstrations(torch.utils.data.Dataset):
         self.instructions = instructions
         self.action_ids = encode_action_rows(processor, instructions, labels, names)
         self.pixels = resized_images(dataset, args.image_column, processor.image_processor) if augment_seed is None else None
+        self.vision_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -478,27 +486,60 @@ class ProcessedDemonstrations(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """The rows at `indices` (the `DataLoader` fetches a batch through this in one call): their images read from
-        the cache in one slice and normalised by one image processor call, or decoded (and augmented) one by one."""
+        """The rows at `indices` (the `DataLoader` fetches a batch through this in one call), with their cached
+        `vision_features` or their `pixel_values` (see `pixel_values`)."""
         indices = [int(index) for index in indices]
-        image_processor = self.processor.image_processor
-        if self.pixels is not None:
-            size = image_processor.image_size
-            pixels = self.pixels[indices]["pixels"].reshape(len(indices), 3, size, size)
-            pixel_values = image_processor(pixels, do_resize=False, input_data_format="channels_first")["pixel_values"]
+        if self.vision_features is not None:
+            image_key, images = "vision_features", self.vision_features[indices]
         else:
-            pixel_values = [image_processor(self._image(index))["pixel_values"][0] for index in indices]
+            image_key, images = "pixel_values", self.pixel_values(indices)
         rows = []
-        for index, values in zip(indices, pixel_values):
+        for index, values in zip(indices, images):
             prompt, action_ids = self.prompts[self.instructions[index]], self.action_ids[index].tolist()
             input_ids = prompt + action_ids
             rows.append({
                 "input_ids": input_ids,
                 "labels": [IGNORE_INDEX] * len(prompt) + action_ids,
                 "attention_mask": [1] * len(input_ids),
-                "pixel_values": values,
+                image_key: values,
             })
         return rows
+
+    def pixel_values(self, indices: Sequence[int]) -> np.ndarray | list[np.ndarray]:
+        """The processed images `[C, H, W]` of the rows at `indices`: read from the cache in one slice and normalised
+        by one image processor call, or decoded (and augmented) one by one."""
+        image_processor = self.processor.image_processor
+        if self.pixels is None:
+            return [image_processor(self._image(index))["pixel_values"][0] for index in indices]
+        size = image_processor.image_size
+        pixels = self.pixels[list(indices)]["pixels"].reshape(len(indices), 3, size, size)
+        return image_processor(pixels, do_resize=False, input_data_format="channels_first")["pixel_values"]
+
+    @torch.no_grad()
+    def cache_vision_features(self, model: OpenVLAForActionPrediction, batch_size: int, progress: bool = True) -> None:
+        """Run the vision backbone once over every row's image (`model.encode_image` in eval mode, `batch_size`
+        images at a time, on the model's device) and keep the features in memory, one float32 tensor
+        `[rows, num_patches, vision_dim]`: from now on the rows hold `vision_features` instead of `pixel_values`.
+
+        For a backbone that stays fixed and has no randomness in training mode (`vision_cache_refusal` checks both),
+        so that the features equal what the backbone computes at every step; not with augmentation, whose images change
+        every epoch."""
+        if self.pixels is None:
+            raise ValueError("Vision features are cached for unaugmented images only; augmented ones change every epoch.")
+        config = model.config
+        features = torch.empty(len(self), config.num_patches, config.vision_dim)
+        logger.info(
+            "Caching the frozen vision backbone's features of %d images once: %.1f MB in memory (float32 [%d, %d] each).",
+            len(self), features.numel() * features.element_size() / 2**20, config.num_patches, config.vision_dim,
+        )
+        was_training = model.training
+        model.eval()
+        for start in tqdm(range(0, len(self), batch_size), desc="Vision features", unit="batch", disable=not progress):
+            indices = range(start, min(start + batch_size, len(self)))
+            pixel_values = torch.as_tensor(np.asarray(self.pixel_values(indices))).to(model.device)
+            features[start : start + len(indices)] = model.encode_image(pixel_values).float().cpu()
+        model.train(was_training)
+        self.vision_features = features
 
     def _image(self, index: int) -> Image.Image:
         """Row `index`'s image, decoded, and augmented with the generator of `(seed, epoch, index)` when augmenting."""
@@ -624,6 +665,43 @@ def apply_training_mode(model: OpenVLAForActionPrediction, model_args: ModelArgu
     return get_peft_model(model, lora_config)
 
 
+def vision_cache_refusal(model, splits: Sequence[ProcessedDemonstrations]) -> str | None:
+    """Why the vision backbone of `model` (LoRA-wrapped or not) must run at every step on `splits` rather than have
+    its features cached once (`None` when they can be): image augmentation, a backbone that trains (some of its
+    weights, or LoRA adapters inside it), randomness in training mode (a dropout or drop path in a tower's config),
+    or a cache larger than half the free memory."""
+    if any(dataset.pixels is None for dataset in splits):
+        return "image augmentation changes the images every epoch"
+    backbone = model.vision_backbone
+    if any(parameter.requires_grad for parameter in backbone.parameters()):
+        return "it trains (freeze it with --freeze_vision_backbone)"
+    config = model.config
+    for tower in filter(None, (config.vision_config, config.fused_vision_config)):
+        for name, value in tower.to_dict().items():
+            if ("dropout" in name or "drop_path" in name) and isinstance(value, (int, float)) and value > 0:
+                return f"its {tower.model_type} config sets {name}={value}, random in training mode"
+    size = sum(len(dataset) for dataset in splits) * config.num_patches * config.vision_dim * 4
+    available = psutil.virtual_memory().available
+    if size > available / 2:
+        return f"its features would take {size / 2**20:.1f} MB, more than half the {available / 2**20:.1f} MB of free memory"
+    return None
+
+
+def cache_frozen_vision_features(model, splits: Sequence[ProcessedDemonstrations | None], training_args: TrainingArguments) -> bool:
+    """Compute a frozen vision backbone's features once per image and train on them
+    (`ProcessedDemonstrations.cache_vision_features`), unless `vision_cache_refusal` gives a reason, which is logged.
+    Moves the model to the training device. Returns whether the features are cached."""
+    splits = [dataset for dataset in splits if dataset is not None]
+    reason = vision_cache_refusal(model, splits)
+    if reason is not None:
+        logger.info("The vision backbone runs at every step: %s.", reason)
+        return False
+    model.to(training_args.device)
+    for dataset in splits:
+        dataset.cache_vision_features(model, training_args.per_device_eval_batch_size, progress=training_args.process_index == 0)
+    return True
+
+
 def make_compute_metrics(processor: OpenVLAProcessor, eval_names: list[str]):
     """Action-token accuracy and L1 error in normalised and raw action units, from the eval predictions."""
     tokenizer: ActionTokenizer = processor.action_tokenizer
@@ -672,7 +750,8 @@ def image_reliance(model: torch.nn.Module, dataset: torch.utils.data.Dataset, co
         raise ValueError(f"image_reliance needs at least 2 rows to swap images between, got {len(rows)}.")
     device = next(model.parameters()).device
     batch = {name: value.to(device) for name, value in collator([dataset[int(row)] for row in rows]).items()}
-    swapped = {**batch, "pixel_values": batch["pixel_values"].roll(1, dims=0)}
+    image_key = "vision_features" if "vision_features" in batch else "pixel_values"
+    swapped = {**batch, image_key: batch[image_key].roll(1, dims=0)}
     to_bins = make_predicted_bins(model.config)
     field = "normalized_actions" if model.config.action_head == "l1_regression" else "action_logits"
     was_training = model.training
@@ -793,6 +872,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pretraining_error = run_vision_pretraining(model, processor, train_dataset, pretraining_steps, training_args) if pretraining_steps else None
     model = apply_training_mode(model, model_args)
+    cache_frozen_vision_features(model, [train_dataset, eval_dataset], training_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("Trainable parameters: %s of %s (%.2f%%).", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -871,12 +951,15 @@ CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adap
 
 
 def save_outputs(model, processor: OpenVLAProcessor, output_dir: Path, model_args: ModelArguments) -> OpenVLAForActionPrediction:
-    """Write the adapter (LoRA runs) to `output_dir/adapter`, then the merged model, processor and remote code: all of
-    it first to `output_dir/.saving`, then moved in by `publish_folder`."""
+    """Write the adapter (LoRA runs) with the action statistics it needs (`ADAPTER_NORM_STATS_NAME`, which
+    `load_adapter` reads) to `output_dir/adapter`, then the merged model, processor and remote code: all of it first
+    to `output_dir/.saving`, then moved in by `publish_folder`."""
     staging = output_dir / STAGING_FOLDER
     shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     if model_args.use_lora:
         model.save_pretrained(staging / "adapter")
+        norm_stats = model.get_base_model().config.norm_stats
+        (staging / "adapter" / ADAPTER_NORM_STATS_NAME).write_text(json.dumps(norm_stats, indent=2))
         model = model.merge_and_unload()
     model.save_pretrained(staging)
     processor.save_pretrained(staging)

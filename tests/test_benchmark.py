@@ -116,6 +116,7 @@ TRAIN_ROW_TYPES = {
     "mode": str,
     "variant": str,
     "tuning": str,
+    "vision": str,
     "dtype": str,
     "batch_size": int,
     "latency_ms": float,
@@ -133,8 +134,10 @@ def test_quick_train_run_measures_model_data_and_loop(benchmark, tmp_path, capsy
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
     assert set(result) == {"device", "matmul_peak_gflops", "rows"} and result["matmul_peak_gflops"] > 0
     rows = result["rows"]
-    assert [(row["variant"], row["tuning"]) for row in rows] == [
-        (variant, tuning) for tuning in ("full", "lora") for variant in ("model", "data", "loop")
+    jobs = [("model", "trained"), ("data", "trained"), ("loop", "trained"), ("model", "frozen"), ("loop", "frozen"),
+            ("model", "frozen-cached"), ("data", "frozen-cached"), ("loop", "frozen-cached")]
+    assert [(row["variant"], row["tuning"], row["vision"]) for row in rows] == [
+        (variant, tuning, vision) for tuning in ("full", "lora") for variant, vision in jobs
     ]
     for row in rows:
         assert set(row) == set(TRAIN_ROW_TYPES), row
@@ -147,12 +150,17 @@ def test_quick_train_run_measures_model_data_and_loop(benchmark, tmp_path, capsy
             assert row["flops_per_call"] == 0 and row["peak_fraction"] == 0
         else:
             assert row["flops_per_call"] > 0 and 0 < row["peak_fraction"]
-    by_key = {(row["variant"], row["tuning"]): row for row in rows}
+    by_key = {(row["variant"], row["tuning"], row["vision"]): row for row in rows}
     # LoRA trains fewer weights: its backward skips the frozen weights' gradients.
-    assert by_key[("model", "lora")]["flops_per_call"] < by_key[("model", "full")]["flops_per_call"]
-    assert by_key[("loop", "full")]["flops_per_call"] == by_key[("model", "full")]["flops_per_call"]
+    assert by_key[("model", "lora", "trained")]["flops_per_call"] < by_key[("model", "full", "trained")]["flops_per_call"]
+    assert by_key[("loop", "full", "trained")]["flops_per_call"] == by_key[("model", "full", "trained")]["flops_per_call"]
+    for tuning in ("full", "lora"):
+        # A frozen backbone skips its backward; cached features skip its forward too.
+        flops = [by_key[("model", tuning, vision)]["flops_per_call"] for vision in ("trained", "frozen", "frozen-cached")]
+        assert flops == sorted(flops, reverse=True) and len(set(flops)) == 3, flops
     output = capsys.readouterr().out
     assert "Targets:" in output and "loop >= 90% of the model step" in output
+    assert "full: frozen, cached / pixels model samples/s" in output and "lora: frozen, cached / pixels loop samples/s" in output
 
 
 def test_train_configs_follow_the_recipes(benchmark):

@@ -13,7 +13,7 @@ import finetune
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, make_model, make_processor, random_images
+from conftest import REPO, TINY, assert_equal_up_to_float_rounding, make_model, make_processor, random_images
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import EvalPrediction
@@ -515,3 +515,70 @@ def test_a_bf16_trainer_step_lowers_the_loss(tokenizer, tmp_path):
         optimizer.zero_grad()
     assert set(dtypes) == {torch.bfloat16} and next(model.parameters()).dtype == torch.float32
     assert losses[-1] < losses[0]
+
+
+FROZEN_VISION = {"freeze": finetune.ModelArguments(freeze_vision_backbone=True),
+                 "lora": finetune.ModelArguments(freeze_vision_backbone=True, use_lora=True, lora_rank=4)}
+
+
+@pytest.mark.parametrize("tuning", sorted(FROZEN_VISION))
+def test_cached_vision_features_equal_the_features_of_the_rows_pixels(tokenizer, tmp_path, tuning):
+    """A frozen backbone (alone or under LoRA) without augmentation: each row holds the features that
+    `encode_image` computes from its pixels, and the collator batches them for the model."""
+    processor = make_processor(tokenizer)
+    _, _, dataset = _demonstrations(processor)
+    model = finetune.apply_training_mode(make_model(tokenizer), FROZEN_VISION[tuning])
+    rows = [0, len(dataset) // 2, len(dataset) - 1]
+    pixel_rows = dataset.__getitems__(rows)
+    args = finetune.FinetuneTrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=4)
+    assert finetune.cache_frozen_vision_features(model, [dataset, None], args)
+    assert dataset.vision_features.shape == (len(dataset), 16, 64) and dataset.vision_features.dtype == torch.float32
+    with torch.no_grad():
+        for row, pixel_row in zip(dataset.__getitems__(rows), pixel_rows):
+            assert "pixel_values" not in row and row["input_ids"] == pixel_row["input_ids"] and row["labels"] == pixel_row["labels"]
+            assert_equal_up_to_float_rounding(row["vision_features"], model.encode_image(torch.as_tensor(pixel_row["pixel_values"])[None])[0])
+    batch = processor.data_collator(dataset.__getitems__(rows))
+    assert batch["vision_features"].shape == (3, 16, 64) and "pixel_values" not in batch
+    pixel_batch = processor.data_collator(pixel_rows)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).loss, model(**pixel_batch).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_vision_features_are_not_cached_when_the_backbone_could_change_them(tokenizer, tmp_path, monkeypatch):
+    processor = make_processor(tokenizer)
+    _, _, dataset = _demonstrations(processor)
+    _, _, augmented = _demonstrations(processor, augment_seed=3)
+    frozen = finetune.apply_training_mode(make_model(tokenizer), FROZEN_VISION["freeze"])
+    refusal = finetune.vision_cache_refusal
+    assert refusal(frozen, [dataset]) is None
+    assert refusal(frozen, [augmented]) == "image augmentation changes the images every epoch"
+    assert refusal(make_model(tokenizer), [dataset]).startswith("it trains")
+    lora = finetune.apply_training_mode(make_model(tokenizer), finetune.ModelArguments(use_lora=True, lora_rank=4))
+    assert refusal(lora, [dataset]).startswith("it trains")  # LoRA adapters inside the backbone
+    dropout = finetune.apply_training_mode(make_model(tokenizer, dropout=0.1), FROZEN_VISION["freeze"])
+    assert refusal(dropout, [dataset]) == "its dinov2 config sets hidden_dropout_prob=0.1, random in training mode"
+    monkeypatch.setattr(finetune.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**16})())
+    assert refusal(frozen, [dataset]) == "its features would take 0.0 MB, more than half the 0.1 MB of free memory"
+    args = finetune.FinetuneTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert not finetune.cache_frozen_vision_features(frozen, [dataset], args)
+    assert dataset.vision_features is None and "pixel_values" in dataset[0]
+    with pytest.raises(ValueError, match="unaugmented images only"):
+        augmented.cache_vision_features(frozen, 4)
+
+
+def test_training_from_cached_vision_features_lowers_the_loss_and_the_saved_model_takes_pixels(tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    output = tmp_path / "frozen"
+    result = run_finetune("--output_dir", str(output), "--freeze_vision_backbone", "--image_augmentation", "false",
+                          "--learning_rate", "3e-3", "--max_steps", "12", "--save_steps", "6", "--eval_steps", "6",
+                          "--closed_loop_episodes", "0", "--eval_split_ratio", "0.25", *QUICK[:8])
+    assert "Caching the frozen vision backbone's features of" in result.stderr
+    losses = [entry["loss"] for entry in json.loads((output / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
+    halfway, final = _weights(output / "checkpoints" / "checkpoint-6"), _weights(output)
+    assert all(torch.equal(halfway[name], final[name]) for name in final if name.startswith("vision_backbone."))
+    model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
+    actions = model.predict_action(**processor(images=random_images(2), text=["go to the red block", "push the blue ball up"]))
+    assert actions.shape == (2, 7) and torch.isfinite(actions).all()

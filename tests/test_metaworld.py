@@ -18,11 +18,13 @@ from PIL import Image  # noqa: E402
 from modeling_openvla import OpenVLAPolicy  # noqa: E402
 from openvla_tools.envs.metaworld_demos import generate_metaworld_demonstrations  # noqa: E402
 from openvla_tools.envs.metaworld_env import (  # noqa: E402
+    MT10_TASKS,
     TASK_INSTRUCTIONS,
     TRAIN_SEED,
     MetaWorldEnv,
     ScriptedPolicy,
     check_action,
+    check_tasks,
     run_episode,
     task_variations,
 )
@@ -194,12 +196,21 @@ def test_blank_frame_raises(monkeypatch):
 
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="known tasks are .*drawer-close-v3"):
-        MetaWorldEnv("reach-v3")
+        MetaWorldEnv("assembly-v3")
     with pytest.raises(ValueError, match="action_dim=4"):
         check_action(np.zeros(7))
     with pytest.raises(ValueError, match="NaN"):
         check_action([0.0, np.nan, 0.0, 0.0])
     np.testing.assert_array_equal(check_action([2, -3, 0.5, 1]), [1, -1, 0.5, 1])
+
+
+def test_mt10_names_its_ten_tasks_whose_instructions_tell_them_apart():
+    tasks = check_tasks(["mt10", "coffee-button-v3"])
+    assert tasks[:10] == list(MT10_TASKS) and tasks[10] == "coffee-button-v3" and len(set(tasks)) == 11
+    instructions = [text for task in tasks for text in TASK_INSTRUCTIONS[task]]
+    assert len(set(instructions)) == len(instructions)  # each paraphrase names one task, for the expert and the model
+    with pytest.raises(ValueError, match="repeat a task"):
+        check_tasks(["mt10", "reach-v3"])
 
 
 def test_topview_close_camera_magnifies_the_workspace():

@@ -164,6 +164,47 @@ def test_wrong_pixel_values_raise(tokenizer, processor):
         model(input_ids=inputs["input_ids"][:, 3:], pixel_values=inputs["pixel_values"])
 
 
+@pytest.mark.parametrize("decoding", ["autoregressive", "parallel"])
+def test_vision_features_train_like_the_pixels_they_come_from(tokenizer, processor, decoding):
+    """With the vision backbone frozen, a training forward on `encode_image`'s features gives the loss and gradients of
+    the same forward on the pixels."""
+    batch = processor(images=random_images(3), text=INSTRUCTIONS, actions=ACTIONS)
+    model = make_model(tokenizer, action_decoding=decoding).train()
+    model.vision_backbone.requires_grad_(False)
+    with torch.no_grad():
+        features = model.encode_image(batch["pixel_values"])
+    cached = {**{key: value for key, value in batch.items() if key != "pixel_values"}, "vision_features": features}
+    results = []
+    for inputs in (batch, cached):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+    (pixel_loss, pixel_grads), (feature_loss, feature_grads) = results
+    torch.testing.assert_close(feature_loss, pixel_loss)
+    assert pixel_grads.keys() == feature_grads.keys() and any(name.startswith("projector.") for name in pixel_grads)
+    for name in pixel_grads:
+        torch.testing.assert_close(feature_grads[name], pixel_grads[name], msg=name)
+
+
+def test_wrong_vision_features_raise(tokenizer, processor):
+    model = make_model(tokenizer)
+    inputs = processor(images=random_images(2), text=INSTRUCTIONS[:2])
+    features = model.encode_image(inputs["pixel_values"])
+    text_inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
+    assert features.shape == (2, 16, 64)
+    with pytest.raises(ValueError, match=r"\[batch, 16, 64\].*\(2, 16, 32\); compute them with model.encode_image"):
+        model(**text_inputs, vision_features=features[..., :32])
+    with pytest.raises(ValueError, match=r"\[batch, 16, 64\].*torch.int64 \(2, 16, 64\)"):
+        model(**text_inputs, vision_features=features.long())
+    with pytest.raises(ValueError, match="not both"):
+        model(**inputs, vision_features=features)
+    with pytest.raises(ValueError, match="Got 1 images for 2 rows"):
+        model(**text_inputs, vision_features=features[:1])
+    with pytest.raises(ValueError, match="neither pixel_values nor vision_features"):
+        model(**text_inputs)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, processor):
     batch = processor(images=random_images(2), text=INSTRUCTIONS[:2], actions=ACTIONS[:2])
     gradients = []

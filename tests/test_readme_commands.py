@@ -16,6 +16,7 @@ A README command that is none of these fails `test_every_readme_command_is_check
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -47,6 +48,15 @@ QUICK_VARIANTS = {
     ],
     ("scripts/demos.py", "tabletop"): ["--episodes", "6"],
     ("scripts/evaluate.py", "tabletop"): ["--episodes", "4"],
+}
+
+# The Meta-World MT10 commands (README lines that name mt10), run in their order by `test_metaworld_mt10_commands_run`
+# on two tasks, one episode each and a few steps, with these flags appended per program.
+MT10_QUICK_VARIANTS = {
+    "scripts/demos.py": ["--tasks", "reach-v3", "drawer-close-v3", "--episodes-per-task", "1"],
+    "scripts/finetune.py": ["--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_split_ratio", "0.5", "--eval_steps", "2",
+                            "--save_steps", "2", "--logging_steps", "1"],
+    "scripts/evaluate.py": ["--tasks", "reach-v3", "drawer-close-v3", "--episodes-per-task", "1", "--max-steps", "8", "--no_baselines"],
 }
 
 
@@ -218,3 +228,19 @@ def test_tabletop_commands_run(workspace):
     assert (workspace / "outputs" / "finetune" / "model.safetensors").is_file()
     assert (workspace / "outputs" / "tabletop_demos" / "preview.png").is_file()
     assert (workspace / "outputs" / "eval.json").is_file()
+
+
+def test_metaworld_mt10_commands_run(workspace):
+    """The MT10 generalist and its adaptation to a new task, as the README writes them, on two tasks and a few steps
+    (`MT10_QUICK_VARIANTS`): demonstrations, the MT10 recipe, its evaluation, then a LoRA adapter trained on new
+    demonstrations and evaluated on the base model."""
+    pytest.importorskip("metaworld", reason="Meta-World is an optional extra: pip install -e '.[metaworld]'")
+    steps = [step for step in README_STEPS if "mt10" in step.line and step.argv[0] in PYTHONS]
+    assert [step.program for step in steps] == ["scripts/demos.py", "scripts/finetune.py", "scripts/evaluate.py"] * 2, [s.line for s in steps]
+    for step in steps:
+        run_step(step, MT10_QUICK_VARIANTS[step.program], workspace)
+    outputs = workspace / "outputs"
+    assert (outputs / "metaworld_mt10" / "model.safetensors").is_file()
+    evaluation = json.loads((outputs / "metaworld_mt10" / "eval.json").read_text())
+    assert sorted(evaluation["success"]) == ["drawer-close-v3", "reach-v3"]
+    assert (outputs / "mt10_coffee_lora" / "adapter" / "adapter_model.safetensors").is_file()

@@ -60,6 +60,10 @@ class StatelessPolicy:
         raise NotImplementedError(f"{type(self).__name__} must implement select_actions(images, instructions, observations).")
 
 
+# The name the evaluator gives the adapter it loads (`load_policy`).
+ADAPTER_NAME = "evaluated"
+
+
 def load_policy(
     model: str | None,
     baselines: dict[str, Callable[[], Policy]],
@@ -70,12 +74,20 @@ def load_policy(
     unnorm_key: str | None = None,
     n_action_steps: int | None = None,
     temporal_ensemble_coeff: float | None = None,
+    adapter: str | None = None,
 ) -> Policy:
     """The policy `scripts/evaluate.py` evaluates: a baseline of `baselines` (`model` is its name), the model served at
     `server` (`RemotePolicy`, the `serve` extra), or a saved model folder or Hub id (`OpenVLAPolicy`, loaded through
-    the Auto classes with `trust_remote_code=True`). `n_action_steps` and `temporal_ensemble_coeff` apply to models'
-    action chunks, so a baseline refuses them; a model whose actions are not `action_dim` long is refused."""
+    the Auto classes with `trust_remote_code=True`), with the PEFT adapter `adapter` (a folder or Hub id written by
+    `scripts/finetune.py --use_lora`, `OUTPUT/adapter`) loaded on it and active. `n_action_steps` and
+    `temporal_ensemble_coeff` apply to models' action chunks, so a baseline refuses them; a model whose actions are
+    not `action_dim` long is refused."""
     options = {"n_action_steps": n_action_steps, "temporal_ensemble_coeff": temporal_ensemble_coeff}
+    if adapter is not None and (server is not None or model in baselines):
+        raise ValueError(
+            f"adapter={adapter!r} is loaded on a saved model (--model FOLDER); the {server or model!r} policy cannot take "
+            "it. Serve the base model with its adapter, or leave --adapter out."
+        )
     if server is None and model in baselines:
         for name, value in options.items():
             if value is not None:
@@ -95,6 +107,9 @@ def load_policy(
 
         loaded = AutoModel.from_pretrained(model, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
+        if adapter is not None:
+            loaded.load_adapter(adapter, adapter_name=ADAPTER_NAME)  # the first adapter loaded is active
+            processor.norm_stats = dict(loaded.config.norm_stats)
         policy = OpenVLAPolicy(loaded, processor, unnorm_key, **options)
     if policy.action_dim != action_dim:
         raise ValueError(

@@ -98,8 +98,84 @@ TASK_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
         "press the coffee button",
         "push the button on the front of the coffee maker",
     ),
+    "reach-v3": (
+        "reach the goal",
+        "move the gripper to the goal",
+        "reach for the target position",
+        "bring the hand to the goal",
+        "move the arm to the target",
+    ),
+    "push-v3": (
+        "push the puck to the goal",
+        "slide the puck to the target",
+        "push the puck over to the goal",
+        "move the puck to the goal by pushing it",
+        "shove the puck to the target position",
+    ),
+    "pick-place-v3": (
+        "pick up the puck and place it at the goal",
+        "grasp the puck and put it on the target",
+        "lift the puck and move it to the goal",
+        "pick the puck up and set it down at the goal",
+        "carry the puck to the target",
+    ),
+    "door-open-v3": (
+        "open the door",
+        "pull the door open",
+        "swing the door open",
+        "open the door by its handle",
+        "pull the door's handle to open it",
+    ),
+    "drawer-open-v3": (
+        "open the drawer",
+        "pull the drawer open",
+        "slide the drawer out",
+        "pull the drawer out by its handle",
+        "draw the drawer open",
+    ),
+    "peg-insert-side-v3": (
+        "insert the peg into the hole from the side",
+        "push the peg sideways into the hole",
+        "put the peg in the hole",
+        "pick up the peg and slide it into the hole",
+        "insert the peg sideways",
+    ),
+    "window-open-v3": (
+        "open the window",
+        "slide the window open",
+        "push the window open",
+        "slide the window pane open",
+        "open the sliding window",
+    ),
+    "window-close-v3": (
+        "close the window",
+        "slide the window shut",
+        "push the window closed",
+        "slide the window pane closed",
+        "shut the sliding window",
+    ),
+    "handle-press-v3": (
+        "press the handle down",
+        "push the handle down",
+        "press down on the handle",
+        "push the lever down",
+        "press the handle downwards",
+    ),
+    "plate-slide-v3": (
+        "slide the plate into the goal",
+        "push the plate into the net",
+        "slide the plate to the target",
+        "push the plate into the goal",
+        "move the plate into the net by sliding it",
+    ),
 }
 KNOWN_TASKS = tuple(TASK_INSTRUCTIONS)
+# Meta-World's MT10 benchmark; `check_tasks` reads the name "mt10" as these ten tasks.
+MT10_TASKS = (
+    "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+    "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3",
+)
+TASK_SETS = {"mt10": MT10_TASKS}
 TASK_OF_INSTRUCTION = {instruction: task for task, instructions in TASK_INSTRUCTIONS.items() for instruction in instructions}
 
 
@@ -111,10 +187,11 @@ def check_task(task_name: str) -> str:
 
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
-    """A non-empty list of known, distinct tasks, else `ValueError`."""
-    tasks = list(tasks)
+    """A non-empty list of known, distinct tasks, with the names of `TASK_SETS` (`mt10`) replaced by their tasks, else
+    `ValueError`."""
+    tasks = [task for name in tasks for task in TASK_SETS.get(name, (name,))]
     if not tasks:
-        raise ValueError(f"No tasks given; choose from {list(KNOWN_TASKS)}.")
+        raise ValueError(f"No tasks given; choose from {list(KNOWN_TASKS)} or {list(TASK_SETS)}.")
     for task in tasks:
         check_task(task)
     if len(set(tasks)) != len(tasks):
