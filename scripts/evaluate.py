@@ -79,6 +79,10 @@ def build_parser(env: str) -> argparse.ArgumentParser:
         parser.add_argument("--image-size", "--image_size", type=int, default=DEFAULT_IMAGE_SIZE, help="Side of the square frames.")
         parser.add_argument("--camera", default=DEFAULT_CAMERA, help="Meta-World camera name.")
         parser.add_argument("--plot", type=Path, default=None, help="Write a bar plot (PNG) here.")
+        parser.add_argument(
+            "--wrong-instructions", "--wrong_instructions", action="store_true",
+            help="Give each task the instruction of the next task in --tasks: a model that reads the instruction fails.",
+        )
     return parser
 
 
@@ -118,7 +122,8 @@ def evaluate_metaworld(args: argparse.Namespace) -> dict[str, Any]:
     policy = load_policy(args.model, BASELINES, ACTION_DIM, "metaworld", args.server, args.api_key, args.unnorm_key, **policy_options(args))
     label = args.model if args.model in BASELINES else "model"
     settings = {"tasks": args.tasks, "episodes_per_task": args.episodes_per_task, "max_steps": args.max_steps,
-                "image_size": args.image_size, "camera_name": args.camera, "batch_size": args.batch_size or DEFAULT_BATCH_SIZE}
+                "image_size": args.image_size, "camera_name": args.camera, "batch_size": args.batch_size or DEFAULT_BATCH_SIZE,
+                "wrong_instructions": args.wrong_instructions}
     results = {label: evaluate_policy_on_tasks(policy, strip_path=args.strip, desc=label, **settings)}
     if not args.no_baselines:
         for name, baseline in BASELINES.items():

@@ -213,6 +213,17 @@ def test_mt10_names_its_ten_tasks_whose_instructions_tell_them_apart():
         check_tasks(["mt10", "reach-v3"])
 
 
+def test_wrong_instructions_make_a_policy_that_reads_them_fail():
+    tasks = ["reach-v3", "window-open-v3"]  # the expert of either fails the other (not every pair does)
+    settings = {"episodes_per_task": 2, "max_steps": 150, "image_size": 32, "progress": False}
+    right = evaluate_policy_on_tasks(ScriptedPolicy(), tasks, **settings)
+    wrong = evaluate_policy_on_tasks(ScriptedPolicy(), tasks, wrong_instructions=True, **settings)
+    assert wrong["instructions"] == {"reach-v3": TASK_INSTRUCTIONS["window-open-v3"][0], "window-open-v3": TASK_INSTRUCTIONS["reach-v3"][0]}
+    assert right["mean_success"] == 1.0 and wrong["mean_success"] == 0.0
+    with pytest.raises(ValueError, match="at least two tasks"):
+        evaluate_policy_on_tasks(ScriptedPolicy(), tasks[:1], wrong_instructions=True, **settings)
+
+
 def test_topview_close_camera_magnifies_the_workspace():
     """The derived camera sees the same scene as `topview`, narrowed to the workspace: the button box is larger."""
     variation = task_variations("button-press-topdown-v3", TRAIN_SEED)[0]

@@ -56,6 +56,7 @@ def evaluate_policy_on_tasks(
     video_episodes_per_task: int = 2,
     progress: bool = True,
     desc: str = "evaluation",
+    wrong_instructions: bool = False,
 ) -> dict[str, Any]:
     """Success of `policy` on `episodes_per_task` held-out variations of each task.
 
@@ -66,12 +67,18 @@ def evaluate_policy_on_tasks(
             an animation, the episodes side by side; otherwise a PNG grid, one row per episode), and the first
             `video_episodes_per_task` of each task as a rollout video next to it
             (`openvla_tools.evaluation.rollout_video_path`).
+        wrong_instructions: give each task's episodes the instruction of the next task in `tasks` (the last task
+            gets the first's), to test that the instruction selects the task: a policy that reads it fails.
 
     Returns:
         `{"success": {task: rate}, "mean_success", "mean_steps": {task: steps}, "successes": {task: [bool]},
         "instructions": {task: instruction}}`; `mean_success` is the mean of the per-task rates.
     """
     tasks = check_tasks(tasks)
+    if wrong_instructions and len(tasks) < 2:
+        raise ValueError(f"wrong_instructions needs at least two tasks to swap instructions between, got {tasks}.")
+    shift = 1 if wrong_instructions else 0
+    instructions = {task: TASK_INSTRUCTIONS[tasks[(i + shift) % len(tasks)]][0] for i, task in enumerate(tasks)}
     check_positive("episodes_per_task", episodes_per_task)
     check_positive("batch_size", batch_size)
     recorded = 0 if strip_path is None else max(strip_episodes_per_task, video_episodes_per_task)
@@ -79,7 +86,7 @@ def evaluate_policy_on_tasks(
     with tqdm(total=len(tasks) * episodes_per_task, desc=desc, disable=not progress) as bar:
         for task in tasks:
             variations = task_variations(task, EVAL_SEED)
-            instruction = TASK_INSTRUCTIONS[task][0]
+            instruction = instructions[task]
             episodes[task] = []
             for start in range(0, episodes_per_task, batch_size):
                 indices = range(start, min(start + batch_size, episodes_per_task))
@@ -106,7 +113,7 @@ def evaluate_policy_on_tasks(
         "mean_success": float(np.mean(list(success.values()))),
         "mean_steps": {task: float(np.mean([e.num_steps for e in task_episodes])) for task, task_episodes in episodes.items()},
         "successes": {task: [e.success for e in task_episodes] for task, task_episodes in episodes.items()},
-        "instructions": {task: TASK_INSTRUCTIONS[task][0] for task in tasks},
+        "instructions": instructions,
     }
 
 
