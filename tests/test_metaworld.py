@@ -235,5 +235,24 @@ def test_topview_close_camera_magnifies_the_workspace():
     assert yellow_pixels["topview"] > 20
     # 45 -> 30 degrees of field of view: tan(22.5) / tan(15) = 1.55 times wider, 2.4 times the area
     assert 1.8 < yellow_pixels["topview_close"] / yellow_pixels["topview"] < 3.2
-    with pytest.raises(ValueError, match="'topview_close'"):
+    with pytest.raises(ValueError, match="'topview_close', 'corner_close'"):
         MetaWorldEnv("button-press-topdown-v3", camera_name="overhead")
+
+
+def test_corner_close_camera_is_the_middle_of_the_corner_view_enlarged():
+    """`corner_close` is `corner` narrowed from the same place: its frame is the middle of `corner`'s, magnified."""
+    variation = task_variations("push-v3", TRAIN_SEED)[0]
+    with MetaWorldEnv("push-v3", image_size=256, camera_name="corner") as env:
+        wide = env.reset(variation)[0]
+    with MetaWorldEnv("push-v3", image_size=64, camera_name="corner_close") as env:
+        close = np.asarray(env.reset(variation)[0]).astype(float)
+    middle = 256 * np.tan(np.radians(13.0)) / np.tan(np.radians(22.5))  # 26 of 45 degrees, in pixels of the wide frame
+
+    def crop_of_wide(side: float, shift: int = 0) -> np.ndarray:
+        box = (128 - side / 2 + shift, 128 - side / 2, 128 + side / 2 + shift, 128 + side / 2)
+        return np.asarray(wide.resize((64, 64), Image.BILINEAR, box=box)).astype(float)
+
+    error = np.abs(close - crop_of_wide(middle)).mean()
+    assert error < 12
+    assert error < 0.5 * np.abs(close - crop_of_wide(256)).mean()
+    assert error < 0.5 * np.abs(close - crop_of_wide(middle, shift=24)).mean()
