@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 from modeling_openvla import OpenVLAPolicy  # noqa: E402
 from openvla_tools.envs.metaworld_demos import generate_metaworld_demonstrations  # noqa: E402
 from openvla_tools.envs.metaworld_env import (  # noqa: E402
+    DERIVED_CAMERAS,
     MT10_TASKS,
     TASK_INSTRUCTIONS,
     TRAIN_SEED,
@@ -246,7 +247,8 @@ def test_corner_close_camera_is_the_middle_of_the_corner_view_enlarged():
         wide = env.reset(variation)[0]
     with MetaWorldEnv("push-v3", image_size=64, camera_name="corner_close") as env:
         close = np.asarray(env.reset(variation)[0]).astype(float)
-    middle = 256 * np.tan(np.radians(13.0)) / np.tan(np.radians(22.5))  # 26 of 45 degrees, in pixels of the wide frame
+    narrowed = np.tan(np.radians(DERIVED_CAMERAS["corner_close"].fovy / 2)) / np.tan(np.radians(45.0 / 2))  # corner: 45
+    middle = 256 * narrowed  # the close camera's field of view, in pixels of the wide frame
 
     def crop_of_wide(side: float, shift: int = 0) -> np.ndarray:
         box = (128 - side / 2 + shift, 128 - side / 2, 128 + side / 2 + shift, 128 + side / 2)

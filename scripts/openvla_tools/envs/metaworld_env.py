@@ -57,12 +57,13 @@ MIN_PIXEL_RANGE = 10  # a frame whose pixel values all lie within this range is 
 
 @dataclass(frozen=True)
 class DerivedCamera:
-    """A camera of the Meta-World scene, `base`, moved to `position` (metres, in the frame of the body it is mounted
-    on) and given the vertical field of view `fovy` (degrees); its orientation is kept."""
+    """A camera of the Meta-World scene, `base`, given the vertical field of view `fovy` (degrees) and, unless
+    `position` is None, moved to `position` (metres, in the frame of the body it is mounted on); its orientation is
+    kept."""
 
     base: str
-    position: tuple[float, float, float]
     fovy: float
+    position: tuple[float, float, float] | None = None
 
 
 # Cameras made from the scene's own, selected by name like them (`camera_name`).
@@ -70,11 +71,11 @@ DERIVED_CAMERAS: dict[str, DerivedCamera] = {
     # `topview` looks straight down from (0, 0.5, 1.5) with a 45 degree field of view, which spans the whole table.
     # This one is moved over the part of it the three tasks use (y from the gripper's start, 0.4, to the back of the
     # button box, ~0.95) and narrowed to it, so every object and the gripper appear 1.5 times larger.
-    "topview_close": DerivedCamera("topview", (0.0, 0.67, 1.5), 30.0),
-    # `corner` (at (-1.1, -0.4, 0.6), 45 degrees) sees the MT10 tasks' objects, goals and the expert's paths within
-    # the middle 55% of its frame (measured over the expert's episodes of 30 placements per task). Narrowed to them
-    # from the same place, the puck, peg and goal markers appear 1.7 times larger.
-    "corner_close": DerivedCamera("corner", (-1.1, -0.4, 0.6), 26.0),
+    "topview_close": DerivedCamera("topview", fovy=30.0, position=(0.0, 0.67, 1.5)),
+    # `corner` (45 degrees) sees the MT10 tasks' objects, goals and the expert's paths within the middle 55% of its
+    # frame (measured over the expert's episodes of 30 placements per task). Narrowed to them from the same place, the
+    # puck, peg and goal markers appear 1.7 times larger.
+    "corner_close": DerivedCamera("corner", fovy=26.0),
 }
 
 # Paraphrases per task; the first is the canonical one (used in evaluation). coffee-button-v3 was chosen as the third
@@ -266,7 +267,8 @@ class MetaWorldEnv:
             )
         if derived:
             camera_id = cameras.index(scene_camera)
-            self.env.model.cam_pos[camera_id] = derived.position
+            if derived.position is not None:
+                self.env.model.cam_pos[camera_id] = derived.position
             self.env.model.cam_fovy[camera_id] = derived.fovy
         self.env.model.vis.quality.offsamples = 0  # no multisampling; read when the OpenGL context is made
         self.task_name = task_name
