@@ -164,6 +164,9 @@ class OpenVLAConfig(PreTrainedConfig):
             one action value in normalised units, trained with an L1 loss; it needs `action_decoding="parallel"`. Its
             targets are the values of the label tokens' bins (so the processor, collator and datasets are the same for
             both heads; the bins quantise a target by at most `(action_max - action_min) / (num_action_bins - 1)`).
+        action_loss_weights (`list[float]`, *optional*): one weight per action dimension for the training loss, e.g.
+            `[1, 1, 1, 4]` to stress a gripper's token; scaled to mean 1 (so the loss keeps its scale) and repeated for
+            each action of a chunk. `None` (default) weighs every dimension alike, as OpenVLA does. Training only.
         prefix_attention (`str`, defaults to `"causal"`): how the prefix (BOS, image patches and prompt, everything
             before the action queries) attends to itself in parallel decoding. `"causal"` is OpenVLA's decoder mask;
             `"bidirectional"` lets every prefix token see the whole prefix, as in PaliGemma's and pi0's prefix-LM, so
@@ -234,6 +237,7 @@ class OpenVLAConfig(PreTrainedConfig):
     action_decoding: str = "autoregressive"
     action_chunk_size: int = 1
     action_head: str = "tokens"
+    action_loss_weights: list[float] | None = None
     prefix_attention: str = "causal"
     vision_layout: str = "transformers"
     vision_stem: str = "patch"
@@ -368,6 +372,7 @@ class OpenVLAConfig(PreTrainedConfig):
                 "prefix_attention='bidirectional' needs action_decoding='parallel': autoregressive decoding extends the "
                 "prompt token by token with a causal KV cache."
             )
+        self.validate_action_loss_weights()
         if self.fused_vision_config is not None:
             fused = self.fused_vision_config
             if _as_square(fused.patch_size, "fused_vision_config.patch_size") != self.patch_size or (
@@ -378,6 +383,17 @@ class OpenVLAConfig(PreTrainedConfig):
                     f"{fused.patch_size}px patches, the first one {self.image_size}px in {self.patch_size}px patches; "
                     "both must give the same patch grid."
                 )
+
+    def validate_action_loss_weights(self) -> None:
+        """Check `action_loss_weights` (also after setting it on a loaded config)."""
+        weights = self.action_loss_weights
+        if weights is None:
+            return
+        if len(weights) != self.action_dim or not all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights) or not any(weights):
+            raise ValueError(
+                f"action_loss_weights={weights!r} must be {self.action_dim} (action_dim) finite weights >= 0, not all "
+                "zero; or None to weigh every action dimension alike."
+            )
 
     def _validate_vision_stem(self) -> None:
         if self.vision_stem == "patch":

@@ -75,7 +75,10 @@ ADAPTER_NORM_STATS_NAME = "norm_stats.json"
 
 
 def regression_loss(
-    predicted: torch.Tensor, target: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    predicted: torch.Tensor,
+    target: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean absolute error over every action dimension (the loss of `action_head="l1_regression"`).
 
@@ -84,19 +87,35 @@ def regression_loss(
         target: the same shape.
         num_items_in_batch: if given (the `Trainer` passes it), the summed error is divided by this count of targets
             instead of averaged over this batch's.
+        token_weights: `predicted.shape[1:]`, the weight of each action dimension's error (`action_loss_weights`);
+            `None` weighs them alike.
 
     Returns:
         Scalar loss.
     """
     if predicted.shape != target.shape:
         raise ValueError(f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} actions disagree.")
-    if num_items_in_batch is None:
-        return F.l1_loss(predicted.float(), target.float())
-    return F.l1_loss(predicted.float(), target.float(), reduction="sum") / num_items_in_batch
+    errors = F.l1_loss(predicted.float(), target.float(), reduction="none")
+    return _reduce_loss(errors, num_items_in_batch, token_weights)
+
+
+def _reduce_loss(
+    losses: torch.Tensor, num_items_in_batch: int | torch.Tensor | None, token_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """`losses` `[batch, ...]`, each weighted by `token_weights` `[...]`, averaged over the batch's or summed and divided
+    by `num_items_in_batch`."""
+    if token_weights is not None:
+        if token_weights.shape != losses.shape[1:]:
+            raise ValueError(f"token_weights {tuple(token_weights.shape)} must match the action tokens {tuple(losses.shape[1:])}.")
+        losses = losses * token_weights.to(losses)
+    return losses.mean() if num_items_in_batch is None else losses.sum() / num_items_in_batch
 
 
 def vla_loss(
-    action_logits: torch.Tensor, target_bins: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    action_logits: torch.Tensor,
+    target_bins: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over every action dimension (the reference API's `vla_loss`).
 
@@ -105,6 +124,8 @@ def vla_loss(
         target_bins: `[batch, ...]` integer bins, e.g. `[batch, action_dim]`.
         num_items_in_batch: if given (the `Trainer` passes it under gradient accumulation or data parallelism), the
             summed cross-entropy is divided by this count of targets instead of averaged over this batch's.
+        token_weights: `target_bins.shape[1:]`, the weight of each action token's cross-entropy
+            (`action_loss_weights`); `None` weighs them alike.
 
     Returns:
         Scalar loss.
@@ -116,9 +137,8 @@ def vla_loss(
         )
     num_bins = action_logits.shape[-1]
     flat_logits, flat_targets = action_logits.reshape(-1, num_bins).float(), target_bins.reshape(-1).long()
-    if num_items_in_batch is None:
-        return F.cross_entropy(flat_logits, flat_targets)
-    return F.cross_entropy(flat_logits, flat_targets, reduction="sum") / num_items_in_batch
+    cross_entropy = F.cross_entropy(flat_logits, flat_targets, reduction="none").view(target_bins.shape)
+    return _reduce_loss(cross_entropy, num_items_in_batch, token_weights)
 
 
 @dataclass
@@ -1034,9 +1054,20 @@ class OpenVLAForActionPrediction(OpenVLAPreTrainedModel, GenerationMixin):
         action tokens of `labels`."""
         tokenizer = self.action_tokenizer
         target_bins = tokenizer.token_ids_to_bins(labels[labels != IGNORE_INDEX]).view(labels.shape[0], self.num_action_tokens)
+        token_weights = self._action_token_weights()
         if self.action_head is not None:
-            return regression_loss(predictions, tokenizer.bins_to_normalized_actions(target_bins), num_items_in_batch)
-        return vla_loss(predictions, target_bins, num_items_in_batch)
+            targets = tokenizer.bins_to_normalized_actions(target_bins)
+            return regression_loss(predictions, targets, num_items_in_batch, token_weights)
+        return vla_loss(predictions, target_bins, num_items_in_batch, token_weights)
+
+    def _action_token_weights(self) -> torch.Tensor | None:
+        """`config.action_loss_weights` repeated for each action of a chunk, `[num_action_tokens]`, scaled to mean 1
+        so that the loss keeps its scale; `None` without them."""
+        weights = self.config.action_loss_weights
+        if weights is None:
+            return None
+        token_weights = torch.tensor(weights, dtype=torch.float32).repeat(self.config.action_chunk_size)
+        return token_weights / token_weights.mean()
 
     def _chunked(self, values: torch.Tensor) -> torch.Tensor:
         """`[batch, chunk * action_dim, ...]` -> `[batch, action_dim, ...]`, or `[batch, chunk, action_dim, ...]`."""

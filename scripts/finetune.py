@@ -112,6 +112,12 @@ class ModelArguments:
     action_chunk_size: int | None = field(
         default=None, metadata={"help": "Actions per prediction in parallel decoding; labels are the next K actions of the episode."}
     )
+    action_loss_weights: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated loss weight of each action dimension, e.g. '1,1,1,4' to stress the gripper's "
+                          "token (scaled to mean 1; saved in the config as action_loss_weights). Default: the model's, "
+                          "equal for a new one."},
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights."})
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank r (official OpenVLA fine-tuning: 32)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha, scaling = alpha / r (official: min(r, 16))."})
@@ -224,6 +230,14 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             overrides[name] = value
     return overrides
+
+
+def parse_loss_weights(text: str) -> list[float]:
+    """'1,1,1,4' -> [1.0, 1.0, 1.0, 4.0] (`--action_loss_weights`)."""
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--action_loss_weights {text!r} must be comma-separated numbers, one per action dimension, e.g. '1,1,1,4'.") from None
 
 
 def builtin_demonstrations(num_episodes: int, seed: int, task_kinds: Sequence[str] = TASK_KINDS) -> datasets.Dataset:
@@ -605,6 +619,14 @@ def build_model_and_processor(model_args: ModelArguments, action_dim: int) -> tu
             requested = getattr(model_args, name)
             if requested is not None and requested != getattr(model.config, name):
                 raise ValueError(f"--{name} {requested} differs from the loaded model's {getattr(model.config, name)}; it is fixed by the model.")
+        if model_args.action_loss_weights is not None:
+            if not hasattr(model.config, "validate_action_loss_weights"):
+                raise ValueError(
+                    f"--action_loss_weights needs model code that knows them, and {model_args.model_name_or_path!r} "
+                    "runs an older configuration_openvla.py and modeling_openvla.py: copy this repository's over them."
+                )
+            model.config.action_loss_weights = parse_loss_weights(model_args.action_loss_weights)
+            model.config.validate_action_loss_weights()
         return model, processor
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
     overrides = {"action_dim": action_dim, "vocab_size": len(tokenizer), "dropout": 0.0, **parse_overrides(model_args.config_overrides)}
@@ -612,6 +634,8 @@ def build_model_and_processor(model_args: ModelArguments, action_dim: int) -> tu
         overrides["action_decoding"] = model_args.action_decoding
     if model_args.action_chunk_size is not None:
         overrides["action_chunk_size"] = model_args.action_chunk_size
+    if model_args.action_loss_weights is not None:
+        overrides["action_loss_weights"] = parse_loss_weights(model_args.action_loss_weights)
     config = OpenVLAConfig.small_config(**overrides)
     processor = OpenVLAProcessor.from_model_config(config, OpenVLAImageProcessor(image_size=config.image_size), tokenizer)
     return OpenVLAForActionPrediction(config), processor
@@ -1066,7 +1090,8 @@ def _training_summary(model_args: ModelArguments, data_args: DataArguments, trai
         "targets); the vision backbone and projector then stayed fixed." if pretraining_steps else ""
     )
     return (
-        f"Trained {source} with `scripts/finetune.py` ({mode}{', vision backbone frozen' if model_args.freeze_vision_backbone else ''}) "
+        f"Trained {source} with `scripts/finetune.py` ({mode}{', vision backbone frozen' if model_args.freeze_vision_backbone else ''}"
+        f"{f', loss weights {model_args.action_loss_weights} per action dimension' if model_args.action_loss_weights else ''}) "
         f"on {data} for {training_args.max_steps} steps, batch {training_args.per_device_train_batch_size} per process x "
         f"{training_args.world_size} process(es), learning rate {training_args.learning_rate} ({SchedulerType(training_args.lr_scheduler_type).value}), "
         f"seed {training_args.seed}{', with image augmentation' if data_args.image_augmentation else ''}.{pretraining}"

@@ -56,6 +56,15 @@ def test_loss_is_l1_to_the_label_bins(tokenizer, processor, images, chunk):
     torch.testing.assert_close(out.loss, (out.normalized_actions - torch.as_tensor(target)).abs().mean())
 
 
+def test_action_loss_weights_weigh_the_regression_error(tokenizer, processor, images):
+    model = make_model(tokenizer, chunk=2, action_loss_weights=[0.0] * (ACTION_DIM - 1) + [1.0])
+    actions = random_actions(3, 2)
+    with torch.no_grad():
+        out = model(**processor(images=images, text=INSTRUCTIONS, actions=actions))
+    errors = (out.normalized_actions - torch.as_tensor(detokenize_actions(tokenize_actions(actions)))).abs()
+    torch.testing.assert_close(out.loss, errors[..., -1].mean())  # weight 7 on one dimension of seven, mean 1
+
+
 def test_regression_training_fits_the_actions(tokenizer, processor, images):
     model = make_model(tokenizer, chunk=2).train()
     actions = random_actions(3, 2, seed=3)

@@ -336,6 +336,18 @@ def test_config_overrides_parse_json_values_and_plain_strings():
         finetune.parse_overrides("hidden_dim")
 
 
+def test_action_loss_weights_set_on_a_loaded_model_are_checked(trained):
+    action_dim = json.loads((trained / "config.json").read_text())["action_dim"]
+    weights = [1.0] * (action_dim - 1) + [4.0]
+    model_args = finetune.ModelArguments(model_name_or_path=str(trained), action_loss_weights=",".join(map(str, weights)))
+    model, _ = finetune.build_model_and_processor(model_args, action_dim)
+    assert model.config.action_loss_weights == weights
+    with pytest.raises(ValueError, match="must be 2 .action_dim."):
+        finetune.build_model_and_processor(finetune.ModelArguments(from_scratch=True, action_loss_weights="1,1,1"), 2)
+    with pytest.raises(ValueError, match="comma-separated numbers"):
+        finetune.parse_loss_weights("1,one")
+
+
 def test_chunk_labels_repeat_the_final_action():
     from processing_openvla import build_action_chunks
 

@@ -97,6 +97,32 @@ def test_loss_with_labels_is_vla_loss(tokenizer, processor, images, decoding, ch
     torch.testing.assert_close(out.loss, vla_loss(out.action_logits, target_bins))
 
 
+@pytest.mark.parametrize("decoding,chunk", [("parallel", 3), ("autoregressive", 1)])
+def test_action_loss_weights_weigh_each_dimension_in_every_action_of_a_chunk(tokenizer, processor, images, decoding, chunk):
+    weights = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0]
+    plain, weighted = make_model(tokenizer, decoding, chunk), make_model(tokenizer, decoding, chunk, action_loss_weights=weights)
+    actions = random_actions(3, chunk)
+    inputs = processor(images=images, text=INSTRUCTIONS, actions=actions)
+    with torch.no_grad():
+        plain_out, weighted_out = plain(**inputs), weighted(**inputs)
+    torch.testing.assert_close(weighted_out.action_logits, plain_out.action_logits)  # weights change the loss only
+    target_bins = torch.as_tensor(tokenize_actions(actions, num_bins=plain.config.num_action_bins))
+    logits = plain_out.action_logits.reshape(-1, plain.config.num_action_bins)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, target_bins.reshape(-1), reduction="none").view(target_bins.shape)
+    # Scaled to mean 1: the first dimension counts 7/4, the last 21/4, the rest not at all.
+    expected = (cross_entropy[..., 0] * 7 / 4 + cross_entropy[..., -1] * 21 / 4).sum() / cross_entropy.numel()
+    torch.testing.assert_close(weighted_out.loss, expected)
+    alike = make_model(tokenizer, decoding, chunk, action_loss_weights=[2.0] * ACTION_DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(alike(**inputs).loss, plain_out.loss)
+
+
+@pytest.mark.parametrize("weights", [[1.0] * (ACTION_DIM - 1), [0.0] * ACTION_DIM, [1.0] * (ACTION_DIM - 1) + [-1.0], [float("nan")] * ACTION_DIM])
+def test_bad_action_loss_weights_raise(weights):
+    with pytest.raises(ValueError, match="action_loss_weights"):
+        OpenVLAConfig.small_config(**TINY, action_loss_weights=weights)
+
+
 @pytest.mark.parametrize("rope", [False, True])
 def test_parallel_training_logits_match_inference(tokenizer, processor, images, rope):
     """With labels the queries overwrite the action tokens: the label values never leak into the outputs, and the
